@@ -1,0 +1,76 @@
+"""Command-line entry point: parses arguments, sets up logging, dispatches to a workflow.
+
+Workflows are imported lazily so ``luoagent --help`` works even when a heavy dependency is absent."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from luoagent import __version__
+from luoagent.errors import LuoAgentError
+
+# subcommand -> (module, one-line help). Each module defines configure(parser) and run(args).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("luoagent.workflows.doctor", "check whether this host can do a live update"),
+    "vm": ("luoagent.workflows.vm", "start, list and stop VMs managed by luoagent"),
+    "update": ("luoagent.workflows.update", "checkpoint VMs, preserve them with LUO, kexec"),
+    "restore": ("luoagent.workflows.restore", "after kexec: bring preserved VMs back"),
+    "lab": ("luoagent.workflows.lab.cli", "build and run the nested LUO test lab"),
+    "trace": ("luoagent.workflows.trace", "trace a program's LUO ioctls (python-ptrace)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="luoagent",
+        description="Live-update the host kernel (kexec + Live Update Orchestrator) "
+        "while QEMU VMs keep their RAM in place.",
+    )
+    parser.add_argument("--version", action="version", version=f"luoagent {__version__}")
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "console", "json"],
+        default="auto",
+        help="log rendering: console on a TTY, JSON lines otherwise (default: auto)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).configure(p)
+        except ImportError as exc:  # keep --help usable; running the command reports it
+            p.set_defaults(_import_error=exc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from luoagent import log
+
+    log.configure(args.log_format, args.verbose)
+    if getattr(args, "_import_error", None) is not None:
+        print(f"luoagent {args.command}: cannot load: {args._import_error}", file=sys.stderr)
+        return 1
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except LuoAgentError as exc:
+        if getattr(args, "json", False):
+            import json
+
+            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
+        print(f"luoagent {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"luoagent {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

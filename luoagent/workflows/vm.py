@@ -1,0 +1,13 @@
+"""Workflow `luoagent vm` (placeholder until its issue lands).
+
+Defines configure(parser) and run(args) for the CLI."""
+
+from luoagent.errors import UsageError
+
+
+def configure(parser):
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args):
+    raise UsageError("'luoagent vm' is not implemented yet")
