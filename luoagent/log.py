@@ -34,4 +34,7 @@ def configure(fmt: str = "auto", verbosity: int = 0) -> None:
 
 
 def get_logger(name: str):
+    # Library use (tests, lab stages) without cli.main: warnings only, to stderr, never stdout.
+    if not structlog.is_configured():
+        configure()
     return structlog.get_logger(name)

@@ -1,0 +1,121 @@
+"""kexec through the kernel's file loader (kexec_file_load, the one KHO/LUO needs) and reboot.
+
+Load, unload, ask whether an image is loaded, read the running command line, reboot into it."""
+
+from __future__ import annotations
+
+import errno as E
+import os
+import time
+from pathlib import Path
+
+from luoagent import errors
+from luoagent._luo_shim import lib
+from luoagent.log import get_logger
+
+log = get_logger(__name__)
+
+# Why kexec_file_load said no, and what to do about it.
+_LOAD_REASONS = {
+    E.ENOEXEC: "the kernel image format is not one this kernel can load (need an x86 bzImage), "
+    "or it lacks a required signature",
+    E.EKEYREJECTED: "the image's signature was rejected (kexec signature enforcement / lockdown)",
+    E.EPERM: "not allowed: need CAP_SYS_BOOT (run as root), and kernel.kexec_load_disabled must be 0 "
+    "and lockdown must allow kexec",
+    E.EBUSY: "another kexec load or a kexec is in progress; retry",
+    E.ENOSYS: "this kernel lacks kexec_file_load: build it with CONFIG_KEXEC_FILE=y",
+    E.EINVAL: "the kernel rejected the arguments (command line too long, or bad flags)",
+    E.ENOMEM: "not enough memory to stage the image",
+    E.EADDRNOTAVAIL: "no free memory area for the image: build the new kernel with "
+    "CONFIG_RELOCATABLE=y or give it more memory",
+    E.EMSGSIZE: "the command line is too long for the new kernel",
+}
+
+
+def current_cmdline() -> str:
+    """The running kernel's command line (/proc/cmdline), for --reuse-cmdline behaviour."""
+    return Path("/proc/cmdline").read_text().strip()
+
+
+def loaded() -> bool:
+    """True when a kexec image is loaded (/sys/kernel/kexec_loaded)."""
+    try:
+        return Path("/sys/kernel/kexec_loaded").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _open_image(path: Path, what: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.KexecImageError(
+            f"cannot open {what} {str(path)!r}: {exc.strerror}; give the path of a readable file"
+        ) from None
+
+
+def _file_load(kernel_fd: int, initrd_fd: int, cmdline: str | None, flags: int) -> int:
+    raw = b"" if cmdline is None else cmdline.encode() + b"\0"  # the length counts the NUL
+    start = time.perf_counter()
+    ret = lib.sys_kexec_file_load(kernel_fd, initrd_fd, len(raw), raw, flags)
+    log.debug("kexec.file_load", flags=flags, result=ret if ret >= 0 else E.errorcode.get(-ret, -ret),
+              duration_ms=round((time.perf_counter() - start) * 1000, 3))
+    return ret
+
+
+def load(kernel: Path, initrd: Path | None = None, cmdline: str | None = None) -> None:
+    """Stage ``kernel`` (+ ``initrd``) for the next kexec with kexec_file_load(2).
+
+    ``cmdline`` defaults to the running kernel's. KexecImageError says why the kernel refused.
+    """
+    kernel = Path(kernel)
+    cmdline = current_cmdline() if cmdline is None else cmdline
+    kernel_fd = _open_image(kernel, "kernel image")
+    initrd_fd = -1
+    try:
+        flags = 0
+        if initrd is None:
+            flags |= lib.KEXEC_FILE_NO_INITRAMFS
+        else:
+            initrd_fd = _open_image(Path(initrd), "initrd")
+        ret = _file_load(kernel_fd, initrd_fd, cmdline, flags)
+    finally:
+        os.close(kernel_fd)
+        if initrd_fd >= 0:
+            os.close(initrd_fd)
+    if ret < 0:
+        reason = _LOAD_REASONS.get(-ret, os.strerror(-ret))
+        raise errors.KexecImageError(
+            f"kexec_file_load of {str(kernel)!r} failed ({E.errorcode.get(-ret, -ret)}): {reason}"
+        )
+    log.info("kexec.loaded", kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=cmdline)
+
+
+def unload() -> None:
+    """Drop a staged image (no-op when none is loaded)."""
+    ret = _file_load(-1, -1, None, lib.KEXEC_FILE_UNLOAD)
+    if ret == -E.ENOSYS and not loaded():  # no file loader here, so nothing it could have loaded
+        return
+    if ret < 0:
+        raise errors.KexecError(
+            f"unloading the kexec image failed ({E.errorcode.get(-ret, -ret)}): "
+            f"{_LOAD_REASONS.get(-ret, os.strerror(-ret))}"
+        )
+
+
+def reboot_kexec() -> None:
+    """sync, then reboot(LINUX_REBOOT_CMD_KEXEC) into the loaded image. Returns only by raising.
+
+    With LUO, the kernel freezes every preserved session first; if that fails it refuses the
+    reboot and this raises RebootRefused (the system keeps running, sessions intact).
+    """
+    os.sync()
+    log.info("kexec.reboot")
+    ret = lib.sys_reboot_kexec()
+    err = -ret if ret < 0 else 0
+    why = {
+        E.EINVAL: "no kexec image is loaded: load one first",
+        E.EPERM: "not allowed: need CAP_SYS_BOOT (run as root)",
+        E.EBUSY: "a kexec load is in progress; retry",
+    }.get(err, "the kernel refused (a live update freeze may have failed: check dmesg for 'luo')")
+    raise errors.RebootRefused(f"reboot(LINUX_REBOOT_CMD_KEXEC) returned ({E.errorcode.get(err, err)}): {why}")

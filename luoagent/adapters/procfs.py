@@ -1,0 +1,51 @@
+"""/proc helpers: who holds a file open, what an fd points at, a process's command line.
+
+Pure reads of procfs; callers turn the answers into messages."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One open file descriptor of a process on some file."""
+
+    pid: int
+    fd: int
+    cmdline: str
+
+
+def cmdline(pid: int, proc: Path = Path("/proc")) -> str:
+    """The command line of ``pid`` as one string ('' once it has exited or for kernel threads)."""
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+
+
+def fd_target(pid: int, fd: int, proc: Path = Path("/proc")) -> str | None:
+    """Where /proc/PID/fd/FD points (e.g. '/dev/liveupdate', '/memfd:x (deleted)'), or None."""
+    try:
+        return os.readlink(proc / str(pid) / "fd" / str(fd))
+    except OSError:
+        return None
+
+
+def holders(path: str, proc: Path = Path("/proc")) -> list[Holder]:
+    """Every (pid, fd) with ``path`` open, found by scanning /proc/*/fd (needs root to see all)."""
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(entry / "fd")
+        except OSError:  # exited, or not ours to look at
+            continue
+        for fd in fds:
+            if fd_target(int(entry.name), int(fd), proc) == path:
+                found.append(Holder(int(entry.name), int(fd), cmdline(int(entry.name), proc)))
+    return found
