@@ -153,7 +153,19 @@ class QmpUnreachable(QemuError):
 
 
 class QmpCommandFailed(QemuError):
-    pass
+    """QEMU answered a QMP command with an error: ``command``, QEMU's ``error_class``, ``desc``."""
+
+    def __init__(
+        self,
+        message: str,
+        command: str | None = None,
+        error_class: str | None = None,
+        desc: str | None = None,
+    ):
+        super().__init__(message)
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
 
 
 class MigrationFailed(QemuError):

@@ -1,13 +1,516 @@
-"""Workflow `luoagent vm` (placeholder until its issue lands).
+"""Workflow `luoagent vm start|list|stop`: run QEMU VMs whose RAM is a memfd LUO can preserve.
 
-Defines configure(parser) and run(args) for the CLI."""
+Each VM has a state directory (record vm.json, QMP socket, logs); `update` reads the records."""
 
-from luoagent.errors import UsageError
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from luoagent import log
+from luoagent import memfd
+from luoagent.adapters import qemu
+from luoagent.errors import InvalidName, QemuError, QmpUnreachable, UsageError, VmNotPreservable
+
+#: where VM state directories live unless --root / $LUOAGENT_VM_ROOT says otherwise
+DEFAULT_ROOT = Path("/run/luoagent/vms")
+ROOT_ENV = "LUOAGENT_VM_ROOT"
+RECORD_FILE = "vm.json"
+RECORD_SCHEMA = 1
+#: each VM gets one LUO session with this prefix; LUO names hold 63 bytes + NUL
+SESSION_PREFIX = "luoagent/vm/"
+SESSION_NAME_MAX = 63
+RAM_BACKEND_ID = "ram0"
+#: fdset used for RAM when the QEMU can open /dev/fdset/N as a memory backend
+RAM_FDSET = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+logger = log.get_logger(__name__)
 
 
-def configure(parser):
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+@dataclass
+class VmRecord:
+    """What `vm start` (or `restore`, via register_restored) wrote about a VM: its vm.json."""
+
+    name: str
+    pid: int
+    qemu: str = ""
+    qemu_version: str = ""
+    argv: list[str] = field(default_factory=list)  # everything after the binary except -qmp
+    memory: int = 0
+    smp: int = 1
+    state_dir: str = ""
+    qmp_socket: str = ""
+    serial_log: str | None = None
+    log: str = ""
+    ram: list[dict] = field(default_factory=list)  # [{"id", "size", "fd"}]: fd = number in QEMU
+    created_ns: int = 0
+    restored: bool = False
+    schema: int = RECORD_SCHEMA
+
+    @property
+    def session_name(self) -> str:
+        return session_name(self.name)
 
 
-def run(args):
-    raise UsageError("'luoagent vm' is not implemented yet")
+# --- names and places -----------------------------------------------------------------------
+def session_name(vm_name: str) -> str:
+    return SESSION_PREFIX + vm_name
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it can name a VM (and its LUO session); InvalidName otherwise."""
+    limit = SESSION_NAME_MAX - len(SESSION_PREFIX.encode())
+    if not name:
+        raise InvalidName("VM name is empty")
+    if "/" in name or "\0" in name:
+        raise InvalidName(f"VM name {name!r} contains '/' or NUL; use letters, digits, '.', '_', '+', '-'")
+    if len(name.encode()) > limit:
+        raise InvalidName(
+            f"VM name {name!r} is {len(name.encode())} bytes; at most {limit} fit the LUO session "
+            f"name {SESSION_PREFIX}<name> (63 bytes)"
+        )
+    if not _NAME_RE.match(name):
+        raise InvalidName(
+            f"VM name {name!r} has unsupported characters; start with a letter or digit and use "
+            "only letters, digits, '.', '_', '+', '-'"
+        )
+    return name
+
+
+def vm_root(explicit: str | os.PathLike | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def _prepare_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except PermissionError as exc:
+        raise UsageError(
+            f"cannot create state directory {path}: {exc.strerror}; run as root or pass "
+            f"--root / --state-dir (or set ${ROOT_ENV}) to a directory you own"
+        ) from exc
+
+
+def record_path(state_dir: Path) -> Path:
+    return state_dir / RECORD_FILE
+
+
+def load_record(name: str, root: str | os.PathLike | None = None) -> VmRecord:
+    """The record of VM ``name``; UsageError if there is none."""
+    validate_name(name)
+    path = record_path(vm_root(root) / name)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no VM named {name!r} (no {path}); `luoagent vm list` shows the VMs") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"VM record {path} is unreadable ({exc}); remove it with `luoagent vm stop {name}`") from exc
+    return _record_from(data, path)
+
+
+def _record_from(data: dict, path: Path) -> VmRecord:
+    if data.get("schema", RECORD_SCHEMA) != RECORD_SCHEMA:
+        raise UsageError(f"VM record {path} has schema {data.get('schema')!r}, this luoagent reads {RECORD_SCHEMA}")
+    if "qemu" not in data and "binary" in data:
+        data = {**data, "qemu": data["binary"]}
+    if not isinstance(data.get("name"), str) or not isinstance(data.get("pid"), int):
+        raise UsageError(f"VM record {path} lacks a name or pid")
+    known = set(VmRecord.__dataclass_fields__)
+    record = VmRecord(**{k: v for k, v in data.items() if k in known})
+    if not record.state_dir:
+        record.state_dir = str(path.parent)
+    if not record.memory:
+        record.memory = sum(int(r.get("size", 0)) for r in record.ram)
+    return record
+
+
+def _write_record(record: VmRecord) -> None:
+    sdir = Path(record.state_dir)
+    tmp = record_path(sdir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    os.replace(tmp, record_path(sdir))
+
+
+def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv: list[str],
+                      ram: list[dict], log: str, state_dir: str | os.PathLike) -> VmRecord:
+    """Record a VM that `restore` brought back so `vm list`/`vm stop` manage it again.
+
+    ``state_dir`` is the root of VM state directories (``ROOT``); the record goes in ROOT/NAME."""
+    validate_name(name)
+    sdir = Path(state_dir) / name
+    _prepare_dir(sdir)
+    serial = next((a[len("file:"):] for prev, a in zip(argv, argv[1:])
+                   if prev == "-serial" and a.startswith("file:")), None)
+    smp_arg = next((a for prev, a in zip(argv, argv[1:]) if prev == "-smp"), "1")
+    smp_match = re.match(r"^(?:cpus=)?(\d+)", smp_arg)
+    try:
+        version = qemu.qemu_version(binary)
+    except QemuError:
+        version = ""
+    record = VmRecord(
+        name=name, pid=int(pid), qemu=str(binary), qemu_version=version, argv=list(argv),
+        memory=sum(int(r.get("size", 0)) for r in ram), smp=int(smp_match.group(1)) if smp_match else 1,
+        state_dir=str(sdir), qmp_socket=str(qmp_socket), serial_log=serial, log=str(log),
+        ram=[dict(r) for r in ram], created_ns=time.time_ns(), restored=True,
+    )
+    _write_record(record)
+    return record
+
+
+def list_records(root: str | os.PathLike | None = None) -> list[VmRecord]:
+    """Records of every VM under the root (sorted by name); unreadable ones are skipped with a log."""
+    base = vm_root(root)
+    records = []
+    if not base.is_dir():
+        return records
+    for entry in sorted(base.iterdir()):
+        path = record_path(entry)
+        if not path.is_file():
+            continue
+        try:
+            records.append(_record_from(json.loads(path.read_text()), path))
+        except (OSError, ValueError, UsageError, TypeError) as exc:
+            logger.warning("skipping unreadable VM record", path=str(path), error=str(exc))
+    return records
+
+
+def is_vm_process(record: VmRecord) -> bool:
+    """Is ``record.pid`` still this VM's QEMU (and not a recycled pid)? Checks its command line
+    for the VM's QMP socket or ``-name NAME``."""
+    if not pid_alive(record.pid):
+        return False
+    try:
+        args = Path(f"/proc/{record.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    if record.qmp_socket and any(record.qmp_socket in a for a in args):
+        return True
+    return any(a == "-name" and b.split(",")[0] in (record.name, f"guest={record.name}")
+               for a, b in zip(args, args[1:]))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --- start ------------------------------------------------------------------------------------
+def start_vm(
+    name: str,
+    memory: int,
+    qemu_args: list[str],
+    *,
+    smp: int = 1,
+    binary: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    accel: str = "tcg",
+    timeout: float = 30.0,
+) -> VmRecord:
+    """Start a daemonized QEMU whose RAM is a share=on memory-backend-file over a fresh memfd."""
+    validate_name(name)
+    page = os.sysconf("SC_PAGE_SIZE")
+    if memory < 2 * 1024 * 1024 or memory % page:
+        raise UsageError(f"--memory {memory} B: give at least 2M, a multiple of {page} B (e.g. 512M, 2G)")
+    if smp < 1:
+        raise UsageError(f"--smp {smp}: need at least one vCPU")
+    _reject_conflicting_args(qemu_args)
+    binary = qemu.find_qemu(binary)
+    version = qemu.qemu_version(binary)
+    probe = qemu.probe_cpr(binary)
+    if not probe.usable:
+        raise QemuError(
+            f"QEMU {version} at {binary} lacks cpr-reboot/x-ignore-shared ({probe.details}); "
+            "a live update needs QEMU >= 8.2 (tested with 11.1)"
+        )
+
+    base = vm_root(root)
+    sdir = Path(state_dir) if state_dir else base / name
+    if sdir != base / name:
+        _prepare_dir(base)
+    _prepare_dir(sdir)
+    _refuse_running_duplicate(name, base)
+    link = base / name
+    if sdir != link:
+        if link.is_symlink() or link.exists():
+            _remove_state(link)
+        link.symlink_to(sdir.resolve())
+
+    sock = sdir / "qmp.sock"
+    qemu_log = sdir / "qemu.log"
+    serial = None if _has_any(qemu_args, "-serial", "-nographic", "-chardev") else sdir / "serial.log"
+    qemu_log.write_bytes(b"")
+
+    ram = memfd.create(f"luoagent-vm-{name}", memory)
+    try:
+        argv = ["-name", name, "-accel", accel, "-m", f"{memory}B", "-smp", str(smp)]
+        if probe.fdset_mem_backend:
+            argv += ["-add-fd", f"fd={ram},set={RAM_FDSET}"]
+            argv += qemu.ram_backend_args(RAM_BACKEND_ID, memory, fdset=RAM_FDSET)
+        else:
+            argv += qemu.ram_backend_args(RAM_BACKEND_ID, memory, fd=ram)
+        if not _has_any(qemu_args, "-display", "-nographic"):
+            argv += ["-display", "none"]
+        if serial is not None:
+            argv += ["-serial", f"file:{serial}"]
+        argv += list(qemu_args)
+        proc = qemu.launch(binary, argv, pass_fds=[ram], qmp_socket=sock, log=qemu_log, daemon=True)
+        logger.info("QEMU started", vm=name, pid=proc.pid, memory=memory)
+        try:
+            status, backends = qemu.run_sync(_check_started(proc, sock, timeout))
+        except (QemuError, VmNotPreservable) as exc:
+            qemu.kill_process(proc)
+            tail = _tail(qemu_log)
+            _remove_state(sdir)
+            if sdir != link:
+                link.unlink(missing_ok=True)
+            raise QemuError(f"VM {name!r} did not come up: {exc}; QEMU said: {tail}") from exc
+    finally:
+        os.close(ram)  # QEMU holds the memfd now
+
+    record = VmRecord(
+        name=name, pid=proc.pid, qemu=str(binary), qemu_version=version, argv=argv, memory=memory,
+        smp=smp, state_dir=str(sdir), qmp_socket=str(sock), serial_log=str(serial) if serial else None,
+        log=str(qemu_log), ram=[{"id": b.id, "size": b.size, "fd": b.qemu_fd} for b in backends],
+        created_ns=time.time_ns(),
+    )
+    _write_record(record)
+    logger.info("VM running", vm=name, status=status, state_dir=str(sdir))
+    return record
+
+
+def _has_any(args: list[str], *options: str) -> bool:
+    return any(a == o or a.startswith(o + "=") for a in args for o in options)
+
+
+def _reject_conflicting_args(args: list[str]) -> None:
+    owned = {"-m": "--memory", "-smp": "--smp", "-qmp": "(luoagent's own QMP socket)",
+             "-incoming": "(used only by restore)", "-daemonize": "(luoagent daemonizes QEMU itself)",
+             "-name": "(the VM name)", "-mem-path": "--memory", "-mem-prealloc": "--memory"}
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if key.startswith("--"):
+            key = key[1:]
+        if key in owned:
+            raise UsageError(f"QEMU option {arg} is set by luoagent {owned[key]}; remove it from QEMU_ARGS")
+        if key in ("-accel", "-enable-kvm"):
+            raise UsageError(f"QEMU option {arg}: use luoagent's --accel instead")
+
+
+def _refuse_running_duplicate(name: str, base: Path) -> None:
+    path = record_path(base / name)
+    if not path.is_file():
+        return
+    try:
+        old = _record_from(json.loads(path.read_text()), path)
+    except (OSError, ValueError, UsageError, TypeError):
+        return
+    if is_vm_process(old):
+        raise UsageError(f"VM {name!r} is already running (pid {old.pid}); stop it first: luoagent vm stop {name}")
+
+
+async def _check_started(proc, sock: Path, timeout: float):
+    async with await qemu.Qmp.connect(sock, timeout=timeout, process=proc) as q:
+        status = await q.status()
+        backends = await qemu.ram_backends(proc.pid, q)
+        return status, backends
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return "(no log)"
+    return repr(text[-limit:]) if text else "(empty)"
+
+
+# --- list -----------------------------------------------------------------------------------
+def vm_status(record: VmRecord, timeout: float = 3.0) -> str:
+    """``running``/``paused``/… from QMP; ``dead`` if the process is gone; ``unreachable``."""
+    if not is_vm_process(record):
+        return "dead"
+
+    async def ask():
+        async with await qemu.Qmp.connect(record.qmp_socket, timeout=timeout) as q:
+            return await q.status(timeout=timeout)
+
+    try:
+        return qemu.run_sync(ask())
+    except QemuError:
+        return "unreachable"
+
+
+def describe(record: VmRecord) -> dict:
+    return {"name": record.name, "pid": record.pid, "status": vm_status(record),
+            "memory": record.memory, "smp": record.smp, "qmp_socket": record.qmp_socket,
+            "state_dir": record.state_dir, "serial_log": record.serial_log,
+            "session": record.session_name, "qemu_version": record.qemu_version}
+
+
+# --- stop -----------------------------------------------------------------------------------
+def stop_vm(name: str, *, root: str | os.PathLike | None = None, force: bool = False,
+            timeout: float = 15.0) -> dict:
+    """Quit VM ``name`` via QMP (SIGKILL with ``force`` if QMP does not answer); remove its state."""
+    record = load_record(name, root)
+    how = "already gone"
+    if is_vm_process(record):
+        try:
+            qemu.run_sync(_quit(record.qmp_socket, timeout=min(timeout, 5.0)))
+            how = "quit via QMP"
+        except QmpUnreachable as exc:
+            if not force:
+                raise QmpUnreachable(f"VM {name!r} (pid {record.pid}): {exc}; use --force to kill it") from exc
+            _kill(record.pid)
+            how = "killed (SIGKILL)"
+        deadline = time.monotonic() + timeout
+        while pid_alive(record.pid):
+            if time.monotonic() > deadline:
+                if not force:
+                    raise QemuError(f"VM {name!r} (pid {record.pid}) did not exit within {timeout:g} s; use --force")
+                _kill(record.pid)
+                how = "killed (SIGKILL)"
+                deadline = time.monotonic() + timeout
+            time.sleep(0.05)
+    base = vm_root(root)
+    _remove_state(Path(record.state_dir))
+    link = base / name
+    if link.is_symlink():
+        link.unlink()
+    return {"name": name, "pid": record.pid, "stopped": how}
+
+
+async def _quit(sock: str, timeout: float) -> None:
+    async with await qemu.Qmp.connect(sock, timeout=timeout) as q:
+        await q.quit(timeout=timeout)
+
+
+def _kill(pid: int) -> None:
+    # a pidfd pins the process so the signal cannot hit a recycled pid
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+#: files `vm start` creates in a state directory; only these are ever deleted
+STATE_FILES = (RECORD_FILE, RECORD_FILE.replace(".json", ".tmp"), "qmp.sock", "qemu.log", "serial.log")
+
+
+def _remove_state(path: Path) -> None:
+    """Remove luoagent's files from a state directory (never anything else), then the
+    directory if that left it empty; a symlink ROOT/NAME -> --state-dir is just unlinked."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    for name in STATE_FILES:
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (the user's own files) or already gone
+
+
+# --- CLI ------------------------------------------------------------------------------------
+class _QemuArgsParser(argparse.ArgumentParser):
+    """Takes everything after the first '--' verbatim as ``qemu_args``.
+
+    argparse alone cannot: a '*' positional after NAME matches empty before '--' is seen."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        extra: list[str] = []
+        if "--" in args:
+            cut = args.index("--")
+            args, extra = args[:cut], args[cut + 1:]
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace.qemu_args = extra
+        return namespace, rest
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", help=f"directory of VM state directories (default ${ROOT_ENV} or {DEFAULT_ROOT})")
+    sub = parser.add_subparsers(dest="vm_action", metavar="ACTION", parser_class=_QemuArgsParser)
+    sub.required = True
+
+    p = sub.add_parser("start", help="start a VM whose RAM is a preservable memfd",
+                       description="Start QEMU daemonized with its RAM in a memfd "
+                       "(memory-backend-file share=on), a QMP socket and a serial log.")
+    p.add_argument("name", help="VM name (letters, digits, . _ + -; at most 51 bytes)")
+    p.add_argument("--memory", required=True, help="guest RAM, e.g. 512M or 2G")
+    p.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
+    p.add_argument("--qemu", help="qemu-system-x86_64 to use (default $LUOAGENT_QEMU or PATH)")
+    p.add_argument("--state-dir", help="this VM's state directory (default ROOT/NAME)")
+    p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for QMP (default 30)")
+    p.add_argument("--json", action="store_true", help="print the VM record as JSON")
+    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--state-dir DIR] [--json] [-- QEMU_ARGS...]"
+    p.epilog = "QEMU_ARGS: further QEMU options after '--', e.g. -- -machine pc -kernel guest.elf"
+
+    p = sub.add_parser("list", help="list VMs with their QMP status")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("stop", help="quit a VM via QMP and remove its state")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="SIGKILL QEMU if QMP does not answer")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.vm_action == "start":
+        qemu_args = list(args.qemu_args)
+        record = start_vm(args.name, qemu.parse_size(args.memory), qemu_args, smp=args.smp,
+                          binary=args.qemu, state_dir=args.state_dir, root=args.root,
+                          accel=args.accel, timeout=args.timeout)
+        if args.json:
+            print(json.dumps({"ok": True, **asdict(record)}))
+        else:
+            print(f"VM {record.name} running: pid {record.pid}, {record.memory >> 20} MiB RAM in a memfd, "
+                  f"QMP {record.qmp_socket}, serial {record.serial_log or '(from your QEMU_ARGS)'}")
+        return 0
+    if args.vm_action == "list":
+        rows = [describe(r) for r in list_records(args.root)]
+        if args.json:
+            print(json.dumps({"ok": True, "vms": rows}))
+        elif not rows:
+            print(f"no VMs under {vm_root(args.root)}")
+        else:
+            print(f"{'NAME':<20} {'PID':>8} {'STATUS':<12} {'MEMORY':>8}  QMP")
+            for r in rows:
+                print(f"{r['name']:<20} {r['pid']:>8} {r['status']:<12} {r['memory'] >> 20:>6}Mi  {r['qmp_socket']}")
+        return 0
+    if args.vm_action == "stop":
+        result = stop_vm(args.name, root=args.root, force=args.force)
+        if args.json:
+            print(json.dumps({"ok": True, **result}))
+        else:
+            print(f"VM {result['name']} (pid {result['pid']}): {result['stopped']}; state removed")
+        return 0
+    raise UsageError(f"unknown vm action {args.vm_action!r}")  # argparse prevents this
+
