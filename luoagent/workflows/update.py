@@ -1,13 +1,853 @@
-"""Workflow `luoagent update` (placeholder until its issue lands).
+"""Workflow `luoagent update`: preflight, preserve VM RAM, quiesce VMs in parallel, preserve
+vmstate + manifest with LUO, kexec into the new kernel — or roll back everything before that.
 
-Defines configure(parser) and run(args) for the CLI."""
+State machine (DESIGN.md): PREFLIGHT → PRESERVE_RAM → QUIESCE → PRESERVE_VMSTATE → MANIFEST →
+REBOOT. Any failure before the reboot syscall succeeds resumes every VM this run stopped,
+closes every outgoing session (which unpreserves its files) and unloads the kexec image.
 
-from luoagent.errors import UsageError
+Test-only switches (environment; never set them in production):
+  LUOAGENT_FAULT=STEP[,STEP]  inject a failure: after-preflight, after-preserve-ram,
+        after-quiesce, quiesce:VMNAME (that VM fails after it was stopped), after-manifest,
+        reboot (the kexec image is unloaded just before the reboot syscall, so the real
+        syscall fails).
+  LUOAGENT_TEST_SKIP=luo,kexec-load  skip the LUO steps / kexec_file_load — for hosts without
+        LUO/kexec (the host test tier). With kexec-load skipped, the reboot syscall is still
+        made for real and must fail (no image loaded); if a kexec image is loaded anyway the
+        update refuses to call it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import socket
+import stat
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from luoagent import __version__
+from luoagent import manifest as mf
+from luoagent.errors import (
+    KexecImageError,
+    LuoAgentError,
+    QmpUnreachable,
+    RebootRefused,
+    UpdateError,
+    UsageError,
+    VmNotPreservable,
+)
+from luoagent.log import get_logger
+
+log = get_logger(__name__)
+
+FAULT_ENV = "LUOAGENT_FAULT"
+SKIP_ENV = "LUOAGENT_TEST_SKIP"
+#: where `luoagent vm` keeps one directory per VM (owner: workflows.vm)
+DEFAULT_STATE_DIR = Path("/run/luoagent/vms")
+#: fdset ids we use for vmstate; high so they do not collide with a user's -add-fd sets
+VMSTATE_FDSET_BASE = 0x4C55
 
 
-def configure(parser):
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+def configure(parser) -> None:
+    parser.add_argument("--kernel", required=True, metavar="BZIMAGE", help="kernel image to kexec into")
+    parser.add_argument("--initrd", metavar="FILE", help="initramfs for the new kernel")
+    cmd = parser.add_mutually_exclusive_group()
+    cmd.add_argument("--append", metavar="CMDLINE", help="command line of the new kernel")
+    cmd.add_argument(
+        "--reuse-cmdline", action="store_true", help="give the new kernel this kernel's command line (default)"
+    )
+    parser.add_argument(
+        "--vm",
+        action="append",
+        metavar="NAME[=QMP_SOCKET]",
+        help="VM to carry across (repeatable; default: every VM in the state dir). "
+        "NAME=SOCKET adopts a QEMU started by another tool through its QMP socket",
+    )
+    parser.add_argument(
+        "--root", "--state-dir", dest="state_dir", default=None,
+        help=f"directory of VM state directories (default $LUOAGENT_VM_ROOT or {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="do everything reversible, then roll back instead of kexec"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per QEMU step (default 60)")
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print the result as JSON on stdout (a real update prints it just before the kexec; "
+        "if the update then fails, the error document follows on its own line)",
+    )
 
 
-def run(args):
-    raise UsageError("'luoagent update' is not implemented yet")
+def vm_root(explicit: str | None) -> Path:
+    """The `luoagent vm` state root (same rule as that workflow: flag, $LUOAGENT_VM_ROOT, default)."""
+    from luoagent.workflows import vm as vmwf
+
+    return vmwf.vm_root(explicit)
+
+
+def run(args) -> int:
+    cmdline = args.append
+    req = UpdateRequest(
+        kernel=Path(args.kernel),
+        initrd=Path(args.initrd) if args.initrd else None,
+        cmdline=cmdline,
+        vms=list(args.vm or []),
+        state_dir=vm_root(args.state_dir),
+        dry_run=args.dry_run,
+        timeout=args.timeout,
+        json=args.json,
+    )
+    result = update(req)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_summary(result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+@dataclass
+class UpdateRequest:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str | None = None  # None: reuse the running kernel's
+    vms: list[str] = field(default_factory=list)
+    state_dir: Path = DEFAULT_STATE_DIR
+    dry_run: bool = False
+    timeout: float = 60.0
+    json: bool = False
+    #: progress lines go here (stderr by default)
+    progress: object = None
+
+
+@dataclass
+class VmTarget:
+    """A running QEMU to carry across: how to reach it and how to start it again."""
+
+    name: str
+    qmp_socket: Path
+    pid: int = 0
+    binary: str = ""
+    argv: list[str] = field(default_factory=list)
+    adopted: bool = False
+
+
+@dataclass
+class VmWork:
+    """Everything this run did to one VM, so rollback can undo exactly that."""
+
+    target: VmTarget
+    session_name: str
+    qmp: object = None
+    backends: list = field(default_factory=list)
+    ram_fds: list[int] = field(default_factory=list)
+    session: object = None
+    was_running: bool = False
+    status_before: str = ""
+    stop_issued: bool = False
+    stopped_at_ns: int = 0
+    saved_at_ns: int = 0
+    migrate_configured: bool = False
+    fdset_id: int | None = None
+    vmstate_fd: int = -1
+    vmstate_size: int = 0
+    migrate_info: dict = field(default_factory=dict)
+    guest_ram_bytes_copied: int = 0
+    other_ram_bytes_copied: int = 0
+    qemu_version: str = ""
+    quiesce_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(b.size for b in self.backends)
+
+
+class Phases:
+    """Times each phase and prints one progress line per phase to stderr."""
+
+    def __init__(self, out=None):
+        self.out = out if out is not None else sys.stderr
+        self.done: list[dict] = []
+        self.t0 = time.monotonic()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, detail: str = ""):
+        start = time.monotonic()
+        print(f"[update] {name}{(' ' + detail) if detail else ''} ...", file=self.out, flush=True)
+        try:
+            yield
+        except BaseException:
+            self.done.append({"phase": name, "seconds": round(time.monotonic() - start, 4), "ok": False})
+            print(f"[update] {name} FAILED after {time.monotonic() - start:.3f} s", file=self.out, flush=True)
+            raise
+        secs = time.monotonic() - start
+        self.done.append({"phase": name, "seconds": round(secs, 4), "ok": True})
+        print(f"[update] {name} done in {secs:.3f} s", file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"[update]   {text}", file=self.out, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# test-only switches
+# ---------------------------------------------------------------------------------------
+def _env_list(name: str) -> set[str]:
+    return {x.strip() for x in os.environ.get(name, "").split(",") if x.strip()}
+
+
+def _fault(point: str, vm: str | None = None) -> None:
+    faults = _env_list(FAULT_ENV)
+    if point in faults or (vm is not None and f"{point}:{vm}" in faults):
+        raise UpdateError(
+            f"fault injected at {point}{f' for VM {vm}' if vm else ''} ({FAULT_ENV}, test only)",
+            step=point,
+            vm=vm,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# VM discovery
+# ---------------------------------------------------------------------------------------
+def discover(names: list[str], state_dir: Path) -> list[VmTarget]:
+    """Resolve ``--vm`` arguments (or every VM in the state dir) to VmTargets."""
+    targets: list[VmTarget] = []
+    if not names:
+        if not state_dir.is_dir():
+            raise UsageError(
+                f"no VMs to update: {state_dir} does not exist; start VMs with `luoagent vm start` "
+                "or name them with --vm NAME=QMP_SOCKET"
+            )
+        names = sorted(p.name for p in state_dir.iterdir() if (p / "vm.json").is_file())
+        if not names:
+            raise UsageError(f"no VMs to update: {state_dir} is empty; start VMs with `luoagent vm start`")
+    seen = set()
+    for item in names:
+        name, _, sock = item.partition("=")
+        mf.vm_session_name(name)  # InvalidName early, before anything is touched
+        if name in seen:
+            raise UsageError(f"VM {name!r} named twice")
+        seen.add(name)
+        if sock:
+            targets.append(VmTarget(name=name, qmp_socket=Path(sock), adopted=True))
+        else:
+            targets.append(_from_state_dir(name, state_dir))
+    return targets
+
+
+def _from_state_dir(name: str, state_dir: Path) -> VmTarget:
+    """A VM `luoagent vm start` (or an earlier restore) recorded in ``state_dir/NAME/vm.json``."""
+    from luoagent.workflows import vm as vmwf
+
+    vm_dir = state_dir / name
+    if not (vm_dir / vmwf.RECORD_FILE).is_file():
+        raise UsageError(
+            f"VM {name!r} is not known: no {vm_dir / vmwf.RECORD_FILE}; list VMs with `luoagent vm list` "
+            f"or adopt one with --vm {name}=QMP_SOCKET"
+        )
+    rec = vmwf.load_record(name, state_dir)
+    return VmTarget(
+        name=name,
+        qmp_socket=Path(rec.qmp_socket or vm_dir / "qmp.sock"),
+        pid=int(rec.pid or 0),
+        binary=str(rec.qemu or ""),
+        argv=[str(a) for a in rec.argv],
+    )
+
+
+def peer_pid(sock_path: Path, timeout: float = 5.0) -> int:
+    """PID of the process serving a unix socket (SO_PEERCRED), i.e. the QEMU behind a QMP socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(sock_path))
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as exc:
+        raise QmpUnreachable(
+            f"QMP socket {sock_path} is unreachable ({exc.strerror or exc}); is the VM running? "
+            "(`luoagent vm list`)"
+        ) from None
+    finally:
+        s.close()
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid
+
+
+def qemu_cmdline(pid: int) -> tuple[str, list[str]]:
+    """(binary, QEMU arguments) of a running QEMU from /proc/PID/cmdline.
+
+    A QEMU run through the dynamic loader (the lab's host wrapper) shows ld.so first; the
+    binary is then the first argument naming qemu-system-*."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError as exc:
+        raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc.strerror}") from None
+    parts = [p.decode(errors="surrogateescape") for p in raw.split(b"\0")[:-1]]
+    for i, p in enumerate(parts):
+        if re.search(r"qemu-system-[\w]+$", p):
+            return p, parts[i + 1 :]
+    return parts[0] if parts else "", parts[1:]
+
+
+# ---------------------------------------------------------------------------------------
+# the update
+# ---------------------------------------------------------------------------------------
+class _Rollback(Exception):
+    pass
+
+
+def update(req: UpdateRequest) -> dict:
+    """Run the whole update. Returns the result document (only for --dry-run does it return
+    normally after rolling back; a real update ends in kexec). Raises UpdateError after a
+    complete rollback, naming the step and the VM."""
+    return asyncio.run(_Update(req).run())
+
+
+class _Update:
+    def __init__(self, req: UpdateRequest):
+        self.req = req
+        self.phases = Phases(req.progress)
+        self.skip = _env_list(SKIP_ENV)
+        self.work: list[VmWork] = []
+        self.lu = None  # LiveUpdate
+        self.manifest_session = None
+        self.manifest_fd = -1
+        self.kexec_loaded = False
+        self.cmdline = ""
+        self.step = "preflight"
+        self.manifest: mf.Manifest | None = None
+        self.kernel_release = ""
+
+    # -- driver --------------------------------------------------------------------------
+    async def run(self) -> dict:
+        if self.skip:
+            print(f"[update] TEST MODE: skipping {', '.join(sorted(self.skip))} ({SKIP_ENV})", file=self.phases.out)
+        try:
+            await self._preflight()
+            _fault("after-preflight")
+            await self._preserve_ram()
+            _fault("after-preserve-ram")
+            await self._quiesce_all()
+            _fault("after-quiesce")
+            self._preserve_vmstate()
+            self._write_manifest()
+            _fault("after-manifest")
+            if self.req.dry_run:
+                self.step = "dry-run"
+                await self._rollback()
+                return self._result("dry-run: everything reversible done, then rolled back")
+            self._reboot()  # returns only by raising
+            raise AssertionError("unreachable")  # pragma: no cover
+        except BaseException as exc:
+            failing_vm = getattr(exc, "vm", None)
+            problems = await self._rollback(quiet=self.step == "preflight" and not self.kexec_loaded)
+            if self.step == "preflight" and not problems and isinstance(exc, LuoAgentError):
+                raise  # nothing was touched: the precise error (bad image, QMP, RAM) is the answer
+            if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+                raise
+            raise self._update_error(exc, failing_vm, problems) from exc
+
+    def _update_error(self, exc: BaseException, vm: str | None, problems: list[str]) -> UpdateError:
+        cause = str(exc) if isinstance(exc, LuoAgentError) else f"{type(exc).__name__}: {exc}"
+        step = getattr(exc, "step", None) or self.step
+        where = f"at step {step}" + (f" (VM {vm})" if vm else "")
+        if problems:
+            tail = "; ROLLBACK INCOMPLETE: " + "; ".join(problems)
+        else:
+            stopped = [w.name for w in self.work if w.stop_issued]
+            tail = "; rolled back: " + (
+                f"VMs {', '.join(stopped)} resumed, " if stopped else "no VM was stopped, "
+            ) + "sessions released" + (", kexec image unloaded" if "kexec-load" not in self.skip else "")
+        err = UpdateError(f"update failed {where}: {cause}{tail}", step=step, vm=vm)
+        err.rollback_problems = problems
+        return err
+
+    # -- PREFLIGHT -----------------------------------------------------------------------
+    async def _preflight(self) -> None:
+        with self.phases.phase("preflight"):
+            self.kernel_release = check_kernel_image(self.req.kernel, self.req.initrd)
+            self._run_doctor_checks()
+            targets = discover(self.req.vms, self.req.state_dir)
+            self.work = [VmWork(target=t, session_name=mf.vm_session_name(t.name)) for t in targets]
+            if "luo" not in self.skip:
+                from luoagent.luo import LiveUpdate
+
+                self.lu = LiveUpdate.open()  # LuoUnavailable / LuoBusy say why not
+            # every VM: QMP reachable, RAM preservable; collected so the user sees them all
+            results = await asyncio.gather(*(self._inspect(w) for w in self.work), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if len(failed) == 1 or (failed and not all(isinstance(r, LuoAgentError) for r in failed)):
+                raise failed[0]  # _inspect already named the VM in the message
+            if failed:
+                err = UpdateError(
+                    f"{len(failed)} VMs cannot be carried across (nothing was touched):\n"
+                    + "\n".join(f"  - {r}" for r in failed),
+                    step="preflight",
+                )
+                raise err
+            self.cmdline = self._cmdline()
+            if "kexec-load" not in self.skip:
+                from luoagent.adapters import kexec
+
+                kexec.load(self.req.kernel, self.req.initrd, self.cmdline)
+                self.kexec_loaded = True
+            for w in self.work:
+                self.phases.note(
+                    f"{w.name}: pid {w.target.pid}, {w.status_before}, RAM "
+                    + ", ".join(f"{b.id}={b.size >> 20} MiB" for b in w.backends)
+                )
+
+    def _run_doctor_checks(self) -> None:
+        """The doctor's host checks (kernel, config, command line, /dev/liveupdate, privileges):
+        the same verdicts `luoagent doctor` gives, before anything is touched. QEMU is checked
+        per running VM instead (its own binary), so the doctor's QEMU probe is skipped."""
+        if "luo" in self.skip:
+            return  # test mode on a host without LUO: those checks cannot pass here
+        from luoagent.workflows import doctor
+
+        failed = [c for c in doctor.gather(with_qemu=False) if not c.ok]
+        if failed:
+            raise UpdateError(
+                "this host cannot do a live update (`luoagent doctor` says the same):\n"
+                + "\n".join(f"  - {c.name}: {c.detail}" + (f"\n      fix: {c.fix}" if c.fix else "") for c in failed),
+                step="preflight",
+            )
+
+    def _cmdline(self) -> str:
+        if self.req.cmdline is not None:
+            return self.req.cmdline
+        try:
+            from luoagent.adapters import kexec
+
+            return kexec.current_cmdline()
+        except ImportError:
+            return Path("/proc/cmdline").read_text().strip()
+
+    async def _inspect(self, w: VmWork) -> None:
+        from luoagent.adapters import qemu as qa
+
+        t = w.target
+        try:
+            if not t.qmp_socket.exists():
+                raise QmpUnreachable(
+                    f"QMP socket {t.qmp_socket} does not exist; is the VM running? (`luoagent vm list`)"
+                )
+            pid = peer_pid(t.qmp_socket)
+            if t.pid and t.pid != pid:
+                log.warning("update.pid_mismatch", vm=t.name, recorded=t.pid, actual=pid)
+            t.pid = pid
+            binary, argv = qemu_cmdline(pid)
+            t.binary = t.binary or binary
+            t.argv = t.argv or argv
+            w.qmp = await qa.Qmp.connect(t.qmp_socket, timeout=min(self.req.timeout, 10))
+            w.status_before = await w.qmp.status()
+            if w.status_before in ("inmigrate", "postmigrate", "finish-migrate", "shutdown", "internal-error"):
+                raise VmNotPreservable(f"VM is in state {w.status_before!r}; only running or paused VMs can be carried")
+            w.backends = await preservable_backends(pid, w.qmp)
+            w.qemu_version = await self._qemu_version(w)
+        except LuoAgentError as exc:
+            exc.vm = t.name  # type: ignore[attr-defined]
+            exc.args = (f"VM {t.name}: {exc}",) + exc.args[1:]
+            raise
+
+    async def _qemu_version(self, w: VmWork) -> str:
+        v = await w.qmp.execute("query-version")
+        q = v.get("qemu", {})
+        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+
+    # -- PRESERVE_RAM (VMs still running) ------------------------------------------------
+    async def _preserve_ram(self) -> None:
+        from luoagent.adapters import qemu as qa
+
+        self.step = "preserve-ram"
+        with self.phases.phase("preserve-ram", "(VMs keep running; pages are pinned now)"):
+            for w in self.work:
+                try:
+                    for b in w.backends:
+                        w.ram_fds.append(qa.steal_fd(w.target.pid, b.qemu_fd))
+                    if self.lu is not None:
+                        w.session = self.lu.create_session(w.session_name)
+                        for i, (b, fd) in enumerate(zip(w.backends, w.ram_fds)):
+                            t0 = time.monotonic()
+                            w.session.preserve(fd, mf.ram_token(i))
+                            self.phases.note(f"{w.name}: {b.id} ({b.size >> 20} MiB) preserved in {time.monotonic() - t0:.3f} s")
+                except LuoAgentError as exc:
+                    exc.vm = w.name  # type: ignore[attr-defined]
+                    raise
+
+    # -- QUIESCE (parallel) --------------------------------------------------------------
+    async def _quiesce_all(self) -> None:
+        self.step = "quiesce"
+        with self.phases.phase("quiesce", f"({len(self.work)} VMs in parallel: stop + cpr-reboot save to memfd)"):
+            results = await asyncio.gather(*(self._quiesce(w) for w in self.work), return_exceptions=True)
+            for w, r in zip(self.work, results):
+                if isinstance(r, BaseException):
+                    if not hasattr(r, "vm"):
+                        with contextlib.suppress(Exception):
+                            r.vm = w.name  # type: ignore[attr-defined]
+                    raise r
+            for w in self.work:
+                self.phases.note(
+                    f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
+                    f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM), guest RAM copied "
+                    f"{w.guest_ram_bytes_copied} B"
+                )
+
+    async def _quiesce(self, w: VmWork) -> None:
+        from luoagent import memfd
+
+        q = w.qmp
+        try:
+            w.vmstate_fd = memfd.create(f"luoagent-vmstate-{w.name}")
+            wfd = memfd.reopen(w.vmstate_fd, os.O_WRONLY)  # the fdset's access mode must be exact
+            try:
+                w.fdset_id = await self._free_fdset(q)
+                await q.add_fd(wfd, w.fdset_id, opaque=f"luoagent vmstate {w.name}")
+            finally:
+                os.close(wfd)
+            blocks = await _ramblocks(q)
+            w.was_running = (await q.status()) == "running"
+            # mode + capability before stop: they do not disturb a running guest, and the
+            # blackout then holds only stop + save
+            await q.execute("migrate-set-parameters", {"mode": "cpr-reboot"}, timeout=self.req.timeout)
+            await q.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+                timeout=self.req.timeout,
+            )
+            w.migrate_configured = True
+            t0 = time.monotonic()
+            w.stopped_at_ns = time.time_ns()
+            w.stop_issued = True
+            await q.stop()
+            _fault("quiesce", w.name)
+            info = await q.cpr_reboot_save(f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout)
+            w.saved_at_ns = time.time_ns()
+            w.quiesce_s = time.monotonic() - t0
+            w.migrate_info = info
+            w.vmstate_size = memfd.size(w.vmstate_fd)
+            ram = info.get("ram", {})
+            backend_ids = {b.id for b in w.backends}
+            other = sum(used for name, used in blocks.items() if name not in backend_ids)
+            # QEMU's ram.total counts every RAM block it migrates; what exceeds the non-guest
+            # blocks (firmware, ROMs) is guest RAM that went into the stream
+            w.guest_ram_bytes_copied = max(0, int(ram.get("total", 0)) - other)
+            w.other_ram_bytes_copied = int(ram.get("normal-bytes", 0))
+        except LuoAgentError as exc:
+            exc.vm = w.name  # type: ignore[attr-defined]
+            raise
+
+    async def _free_fdset(self, q) -> int:
+        used = {fs.get("fdset-id") for fs in await q.execute("query-fdsets")}
+        n = VMSTATE_FDSET_BASE
+        while n in used:
+            n += 1
+        return n
+
+    # -- PRESERVE_VMSTATE + MANIFEST -----------------------------------------------------
+    def _preserve_vmstate(self) -> None:
+        self.step = "preserve-vmstate"
+        with self.phases.phase("preserve-vmstate"):
+            for w in self.work:
+                if w.session is not None:
+                    try:
+                        w.session.preserve(w.vmstate_fd, mf.VMSTATE_TOKEN)
+                    except LuoAgentError as exc:
+                        exc.vm = w.name  # type: ignore[attr-defined]
+                        raise
+
+    def _write_manifest(self) -> None:
+        self.step = "manifest"
+        with self.phases.phase("manifest"):
+            self.manifest = mf.Manifest(
+                created_ns=time.time_ns(),
+                kernel_from=os.uname().release,
+                kernel_to=str(self.req.kernel.resolve()),
+                kernel_to_version=self.kernel_release,
+                kernel_cmdline=self.cmdline,
+                agent_version=__version__,
+                vms=[
+                    mf.VmRecord(
+                        name=w.name,
+                        binary=w.target.binary,
+                        argv=list(w.target.argv),
+                        qmp_socket=str(w.target.qmp_socket),
+                        ram=[mf.RamRecord(id=b.id, size=b.size, token=mf.ram_token(i)) for i, b in enumerate(w.backends)],
+                        vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=w.vmstate_size),
+                        was_running=w.was_running,
+                        stopped_at_ns=w.stopped_at_ns,
+                        saved_at_ns=w.saved_at_ns,
+                        qemu_version=w.qemu_version,
+                        ram_bytes_copied=w.guest_ram_bytes_copied,
+                        pid=w.target.pid,
+                    )
+                    for w in self.work
+                ],
+            )
+            self.manifest_fd = mf.write_sealed_memfd(self.manifest)
+            if self.lu is not None:
+                self.manifest_session = self.lu.create_session(mf.MANIFEST_SESSION)
+                self.manifest_session.preserve(self.manifest_fd, mf.MANIFEST_TOKEN)
+
+    # -- REBOOT --------------------------------------------------------------------------
+    def _reboot(self) -> None:
+        from luoagent.adapters import kexec
+
+        self.step = "reboot"
+        if "reboot" in _env_list(FAULT_ENV) and self.kexec_loaded:
+            # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
+            kexec.unload()
+            self.kexec_loaded = False
+        if not self.kexec_loaded and _kexec_image_loaded():
+            raise UpdateError(
+                "a kexec image is loaded that this run did not load (test mode); refusing to reboot",
+                step="reboot",
+            )
+        result = self._result("rebooting into the new kernel")
+        if self.req.json:
+            print(json.dumps(result, indent=1), flush=True)
+        else:
+            print_summary(result)
+        sys.stdout.flush()
+        self.phases.note(f"kexec now (preparation took {time.monotonic() - self.phases.t0:.3f} s)")
+        kexec.reboot_kexec()  # sync + reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
+        raise RebootRefused("reboot(LINUX_REBOOT_CMD_KEXEC) returned without rebooting")
+
+    # -- ROLLBACK ------------------------------------------------------------------------
+    async def _rollback(self, quiet: bool = False) -> list[str]:
+        """Undo everything; returns what could not be undone (empty: clean). ``quiet``: only
+        connections to close (preflight), no progress line."""
+        problems: list[str] = []
+        with self.phases.phase("rollback") if not quiet else contextlib.nullcontext():
+            results = await asyncio.gather(*(self._resume(w) for w in self.work), return_exceptions=True)
+            for w, r in zip(self.work, results):
+                if isinstance(r, BaseException):
+                    problems.append(f"VM {w.name} may still be stopped: {r}")
+            # sessions: closing an outgoing session unpreserves its files
+            for s in [w.session for w in self.work] + [self.manifest_session]:
+                if s is not None:
+                    try:
+                        s.close()
+                    except Exception as exc:
+                        problems.append(f"closing session {s!r}: {exc}")
+            for w in self.work:
+                w.session = None
+                for fd in w.ram_fds + ([w.vmstate_fd] if w.vmstate_fd >= 0 else []):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                w.ram_fds = []
+                w.vmstate_fd = -1
+            self.manifest_session = None
+            if self.manifest_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self.manifest_fd)
+                self.manifest_fd = -1
+            if self.lu is not None:
+                self.lu.close()
+                self.lu = None
+            if self.kexec_loaded:
+                try:
+                    from luoagent.adapters import kexec
+
+                    kexec.unload()
+                    self.kexec_loaded = False
+                except Exception as exc:
+                    problems.append(f"unloading the kexec image: {exc}")
+            await self._close_qmp()
+        return problems
+
+    async def _resume(self, w: VmWork) -> None:
+        q = w.qmp
+        if q is None:
+            return
+        if w.stop_issued or w.migrate_configured:
+            info = await q.execute("query-migrate")
+            if info.get("status") in ("setup", "active", "pre-switchover", "device", "wait-unplug"):
+                with contextlib.suppress(LuoAgentError):
+                    await q.execute("migrate_cancel")
+                for _ in range(200):
+                    info = await q.execute("query-migrate")
+                    if info.get("status") not in ("cancelling", "active", "setup", "device"):
+                        break
+                    await asyncio.sleep(0.01)
+            await q.execute("migrate-set-parameters", {"mode": "normal"})
+            await q.execute(
+                "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
+            )
+            w.migrate_configured = False
+        if w.stop_issued and w.was_running:
+            if await q.status() != "running":
+                await q.cont()
+            status = await q.status()
+            if status != "running":
+                raise UpdateError(f"VM {w.name} is {status!r} after cont", step="rollback", vm=w.name)
+        if w.fdset_id is not None:
+            with contextlib.suppress(LuoAgentError):
+                await q.execute("remove-fd", {"fdset-id": w.fdset_id})
+            w.fdset_id = None
+
+    async def _close_qmp(self) -> None:
+        for w in self.work:
+            if w.qmp is not None:
+                with contextlib.suppress(Exception):
+                    await w.qmp.close()
+                w.qmp = None
+
+    # -- result --------------------------------------------------------------------------
+    def _result(self, status: str) -> dict:
+        return {
+            "ok": True,
+            "status": status,
+            "dry_run": self.req.dry_run,
+            "kernel": str(self.req.kernel),
+            "kernel_version": self.kernel_release,
+            "cmdline": self.cmdline,
+            "skipped": sorted(self.skip),
+            "phases": self.phases.done,
+            "vms": [
+                {
+                    "name": w.name,
+                    "pid": w.target.pid,
+                    "session": w.session_name,
+                    "was_running": w.was_running,
+                    "ram_bytes": w.ram_bytes,
+                    "ram_backends": [dataclasses.asdict(b) for b in w.backends],
+                    "vmstate_bytes": w.vmstate_size,
+                    "vmstate_percent_of_ram": round(100.0 * w.vmstate_size / max(w.ram_bytes, 1), 4),
+                    "guest_ram_bytes_copied": w.guest_ram_bytes_copied,
+                    "firmware_ram_bytes_copied": w.other_ram_bytes_copied,
+                    "quiesce_seconds": round(w.quiesce_s, 4),
+                    "stopped_at_ns": w.stopped_at_ns,
+                }
+                for w in self.work
+            ],
+        }
+
+
+def _is_memfd_inode(pid: int, fd: int) -> bool:
+    """True if fd ``fd`` of ``pid`` lives on the kernel's internal shmem mount, where every
+    memfd lives. A memfd that LUO gave back after kexec has an empty name (its /proc link reads
+    '/ (deleted)', not '/memfd:…'), so the name cannot be the test."""
+    probe = os.memfd_create("luoagent-probe", os.MFD_CLOEXEC)
+    try:
+        theirs = os.stat(f"/proc/{pid}/fd/{fd}")
+        return stat.S_ISREG(theirs.st_mode) and theirs.st_dev == os.fstat(probe).st_dev and theirs.st_nlink == 0
+    except OSError:
+        return False
+    finally:
+        os.close(probe)
+
+
+async def preservable_backends(pid: int, q) -> list:
+    """The QEMU's RAM backends, VmNotPreservable unless every one is a share=on
+    memory-backend-file over a memfd (including memfds restored by an earlier live update)."""
+    from luoagent.adapters import qemu as qa
+
+    backends = []
+    for b in await qa.inspect_ram(pid, q):
+        if b.problem and b.qemu_fd is not None and b.qom_type == "memory-backend-file" and b.share:
+            if _is_memfd_inode(pid, b.qemu_fd):
+                b = dataclasses.replace(b, problem=None)
+        backends.append(b)
+    bad = [b for b in backends if b.problem]
+    if bad:
+        raise VmNotPreservable(
+            "VM RAM cannot stay in place: " + "; ".join(f"backend {b.id!r}: {b.problem}" for b in bad)
+        )
+    if not backends:
+        raise VmNotPreservable(
+            "VM has no memory-backend object: its RAM is private and would be copied; start "
+            "it with -object memory-backend-file,...,share=on -machine memory-backend=ID"
+        )
+    return backends
+
+
+async def _ramblocks(q) -> dict[str, int]:
+    """RAM block name -> used bytes, from HMP `info ramblock` (QMP has no equivalent)."""
+    text = await q.execute("human-monitor-command", {"command-line": "info ramblock"})
+    blocks: dict[str, int] = {}
+    for line in str(text).splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[3].startswith("0x") and parts[4].startswith("0x"):
+            blocks[parts[0]] = int(parts[4], 16)
+    return blocks
+
+
+def _kexec_image_loaded() -> bool:
+    try:
+        return Path("/sys/kernel/kexec_loaded").read_text().strip() == "1"
+    except OSError:
+        return False  # no kexec support in this kernel at all
+
+
+def check_kernel_image(kernel: Path, initrd: Path | None) -> str:
+    """KexecImageError unless ``kernel`` is a readable x86 bzImage (and initrd readable);
+    returns the image's version string (empty if it has none)."""
+    if not kernel.exists():
+        raise KexecImageError(f"kernel image {kernel} does not exist; pass --kernel PATH to a bzImage")
+    if not kernel.is_file():
+        raise KexecImageError(f"kernel image {kernel} is not a regular file")
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(0x210)
+    except OSError as exc:
+        raise KexecImageError(f"cannot read kernel image {kernel}: {exc.strerror}") from None
+    # x86 boot protocol: "HdrS" at 0x202 and the 0xAA55 boot flag at 0x1FE
+    if len(head) < 0x206 or head[0x202:0x206] != b"HdrS" or head[0x1FE:0x200] != b"\x55\xaa":
+        raise KexecImageError(
+            f"kernel image {kernel} is not an x86 bzImage (no 'HdrS' boot header): pass the "
+            "bzImage from arch/x86/boot/bzImage or /boot/vmlinuz-*"
+        )
+    if initrd is not None:
+        if not initrd.is_file():
+            raise KexecImageError(f"initrd {initrd} does not exist or is not a regular file")
+        try:
+            with open(initrd, "rb"):
+                pass
+        except OSError as exc:
+            raise KexecImageError(f"cannot read initrd {initrd}: {exc.strerror}") from None
+    return bzimage_version(kernel)
+
+
+def bzimage_version(kernel: Path) -> str:
+    """The kernel_version string of an x86 bzImage (boot protocol: u16 at 0x20E, +0x200)."""
+    try:
+        with open(kernel, "rb") as f:
+            f.seek(0x20E)
+            (ptr,) = struct.unpack("<H", f.read(2))
+            if not ptr:
+                return ""
+            f.seek(0x200 + ptr)
+            raw = f.read(256)
+    except (OSError, struct.error):
+        return ""
+    return raw.split(b"\0", 1)[0].decode(errors="replace").strip()
+
+
+def print_summary(result: dict, out=None) -> None:
+    out = out if out is not None else sys.stdout
+    print(f"luoagent update: {result['status']}", file=out)
+    for p in result["phases"]:
+        print(f"  {p['phase']:<18} {p['seconds'] * 1000:9.1f} ms{'' if p['ok'] else '  FAILED'}", file=out)
+    for v in result["vms"]:
+        print(
+            f"  VM {v['name']}: RAM {v['ram_bytes'] >> 20} MiB kept in place, vmstate {v['vmstate_bytes']} B "
+            f"({v['vmstate_percent_of_ram']:.3f} % of RAM), guest RAM copied {v['guest_ram_bytes_copied']} B, "
+            f"stop→saved {v['quiesce_seconds'] * 1000:.1f} ms",
+            file=out,
+        )
+    out.flush()

@@ -1,14 +1,189 @@
-"""CLI for ``luoagent lab`` (placeholder until the lab issue lands).
+"""CLI for ``luoagent lab``: build, run, shell, selftests, list, demo.
 
-Subcommands: build, run, shell, selftests, demo."""
+Parses arguments, calls build.py/boot.py, prints human text or ``--json``; exit 1 when a scenario fails."""
 
-from luoagent.errors import LabError
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from luoagent.errors import UsageError
+from luoagent.workflows.lab import cache
 
 
-def configure(parser):
-    parser.add_argument("action", nargs="?", default="demo")
-    parser.add_argument("--json", action="store_true")
+def _common(p: argparse.ArgumentParser, kernel: bool = True) -> None:
+    if kernel:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--kernel", metavar="BZIMAGE", help="use this LUO bzImage instead of building one")
+        g.add_argument("--kernel-src", metavar="DIR", help="build the lab kernel from this source tree")
+    p.add_argument("--cache-dir", metavar="DIR", help="lab cache (default $LUOAGENT_CACHE or ~/.cache/luoagent)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def run(args):
-    raise LabError("lab not built yet: the lab is not implemented in this version")
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", metavar="ACTION")
+    sub.required = True
+
+    p = sub.add_parser("build", help="build (or fetch from cache) kernel, rootfs, shim, guest, selftests")
+    _common(p)
+    p.add_argument("--no-selftests", action="store_true", help="do not build the kernel's LUO selftests")
+
+    p = sub.add_parser("run", help="run scenarios in the lab VM (real kexecs between stages)")
+    p.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario names (`luoagent lab list`)")
+    _common(p)
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
+    p.add_argument("--debug", action="append", default=[], metavar="KEY[=VAL]",
+                   help="debug switch passed to the scenarios as ctx.debug (repeatable)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-stage time limit for every scenario")
+    p.add_argument("--console", action="store_true", help="echo the VM's serial console to stderr")
+
+    p = sub.add_parser("selftests", help="run the kernel's own LUO selftests in the lab VM")
+    p.add_argument("names", nargs="*", metavar="NAME", help="selftests to run (default: all built)")
+    _common(p)
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per-stage time limit")
+    p.add_argument("--console", action="store_true", help="echo the VM's serial console to stderr")
+
+    p = sub.add_parser("shell", help="boot the lab VM with its serial console on this terminal")
+    _common(p)
+    p.add_argument("--memory", default="1G", help="VM RAM (default 1G)")
+
+    p = sub.add_parser("list", help="list the lab scenarios")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    p = sub.add_parser("demo", help="live-update the lab kernel under a running VM (end-to-end demo)")
+    _common(p)
+    try:
+        demo = importlib.import_module("luoagent.workflows.lab.demo")
+    except ImportError:
+        demo = None
+    if demo is not None and hasattr(demo, "configure"):
+        demo.configure(p)
+
+
+def parse_debug(items: list[str]) -> dict:
+    """``["corrupt", "size=4096", "mode=x"]`` -> ``{"corrupt": True, "size": 4096, "mode": "x"}``."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not key or not key.replace("_", "").replace("-", "").isalnum():
+            raise UsageError(f"bad --debug {item!r}: expected KEY or KEY=VALUE (KEY letters, digits, - and _)")
+        if not sep:
+            out[key] = True
+        else:
+            try:
+                out[key] = int(value, 0)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def _progress(args) -> cache.Progress:
+    return cache.Progress("lab")
+
+
+def _lab(args, selftests: bool = True):
+    from luoagent.workflows.lab.build import build_lab
+
+    return build_lab(kernel=getattr(args, "kernel", None), kernel_src=getattr(args, "kernel_src", None),
+                     progress=_progress(args), selftests=selftests)
+
+
+def run(args) -> int:
+    if getattr(args, "cache_dir", None):
+        cache.set_cache_dir(args.cache_dir)
+    action = args.lab_command
+    if action == "list":
+        return _list(args)
+    if action == "demo":
+        return _demo(args)
+    if action == "build":
+        lab = _lab(args, selftests=not args.no_selftests)
+        if args.json:
+            print(json.dumps({"ok": True, **lab.to_json()}, indent=1))
+        else:
+            for key, value in lab.to_json().items():
+                if key != "timings":
+                    print(f"{key:11} {value}")
+            print("timings     " + ", ".join(f"{k} {v:.1f}s" for k, v in lab.timings.items()))
+        return 0
+    if action == "shell":
+        return _lab(args, selftests=False).shell(memory=args.memory)
+    if action == "run":
+        debug = parse_debug(args.debug)
+        from luoagent.workflows.lab.scenarios import resolve
+
+        resolve(args.scenarios)  # bad names fail before any build
+        lab = _lab(args, selftests=False)
+        result = lab.run(args.scenarios, debug=debug, timeout=args.timeout, progress=_progress(args),
+                         echo=_echo if args.console else None)
+        return _report(args, result)
+    if action == "selftests":
+        lab = _lab(args, selftests=True)
+        result = lab.run_selftests(args.names or None, timeout=args.timeout, progress=_progress(args),
+                                   echo=_echo if args.console else None)
+        return _report(args, result)
+    raise UsageError(f"unknown lab action {action!r}")
+
+
+def _echo(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _report(args, result) -> int:
+    if args.junit:
+        Path(args.junit).write_text(result.junit())
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+        return 0 if result.ok else 1
+    for sc in result.scenarios.values():
+        mark = "ok    " if sc.passed else "FAILED"
+        secs = sum(sc.stage_seconds)
+        print(f"{mark} {sc.name}: {len(sc.tests)} results, {len(sc.failed_tests)} failed, "
+              f"{sc.stages_started} stages ({secs:.1f}s in stages)" + (f" — {sc.error}" if sc.error else ""))
+        for t in sc.failed_tests:
+            print(f"    not ok {t.number} {t.description}")
+            for d in t.diag[:30]:
+                print(f"        # {d}")
+    for e in result.errors:
+        print(f"error: {e}")
+    print(f"{'PASS' if result.ok else 'FAIL'}: {result.boots} boots, {result.duration:.1f}s; "
+          f"console: {result.console_log}")
+    if not result.ok:
+        print(f"--- last 50 console lines ---\n{result.tail(50)}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _list(args) -> int:
+    from luoagent.workflows.lab.scenarios import discover
+
+    found, broken = discover()
+    if args.json:
+        print(json.dumps({"scenarios": [{"name": i.name, "description": i.description, "memory": i.memory,
+                                         "slow": i.slow, "timeout": i.timeout} for i in found.values()],
+                          "broken": broken}, indent=1))
+        return 0
+    width = max((len(n) for n in found), default=4)
+    for info in found.values():
+        print(f"{info.name:{width}}  {info.memory:>4}{'  slow' if info.slow else ''}  {info.description}")
+    for mod, err in broken.items():
+        print(f"BROKEN {mod}: {err}", file=sys.stderr)
+    return 0 if not broken else 1
+
+
+def _demo(args) -> int:
+    try:
+        demo = importlib.import_module("luoagent.workflows.lab.demo")
+    except ImportError as exc:
+        if exc.name != "luoagent.workflows.lab.demo":
+            raise
+        msg = "demo not available yet: luoagent.workflows.lab.demo is not part of this version"
+        if args.json:
+            print(json.dumps({"ok": False, "error": "DemoUnavailable", "message": msg}))
+        print(f"luoagent lab demo: {msg}", file=sys.stderr)
+        return 1
+    return int(demo.run(args) or 0)

@@ -1,0 +1,284 @@
+"""The versioned JSON manifest that crosses kexec: which VMs, their QEMU argv, tokens and sizes.
+
+It is written into a sealed memfd preserved in the well-known LUO session ``luoagent`` (token 0)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from luoagent.errors import InvalidName, ManifestCorrupt, ManifestVersionError
+
+#: (major, minor). A reader accepts any minor of its major (new fields are optional and ignored);
+#: a different major means the layout changed incompatibly and restore must refuse.
+SCHEMA_VERSION = (1, 0)
+
+#: well-known session that carries the manifest across kexec, and the manifest's token in it
+MANIFEST_SESSION = "luoagent"
+MANIFEST_TOKEN = 0
+#: tokens inside a VM session: RAM backends 1..N in backend order, vmstate at a fixed token
+VMSTATE_TOKEN = 0x1000
+VM_SESSION_PREFIX = "luoagent/vm/"
+#: LUO session names are 64 bytes including the terminating NUL
+SESSION_NAME_MAX = 63
+#: a manifest bigger than this is not ours (protects restore from reading a huge foreign memfd)
+MANIFEST_MAX_BYTES = 4 << 20
+
+_VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # same rule as `luoagent vm`
+
+
+def vm_session_name(vm_name: str) -> str:
+    """LUO session name for one VM; InvalidName if the VM name cannot form a valid session name."""
+    if not vm_name or not _VM_NAME_RE.match(vm_name):
+        raise InvalidName(
+            f"VM name {vm_name!r} is not usable: use letters, digits, '.', '_', '+' and '-' "
+            "(starting with a letter or digit)"
+        )
+    session = VM_SESSION_PREFIX + vm_name
+    if len(session.encode()) > SESSION_NAME_MAX:
+        room = SESSION_NAME_MAX - len(VM_SESSION_PREFIX)
+        raise InvalidName(
+            f"VM name {vm_name!r} is too long for an LUO session name "
+            f"({len(session.encode())} > {SESSION_NAME_MAX} bytes): use at most {room} characters"
+        )
+    return session
+
+
+def ram_token(index: int) -> int:
+    """Token of the ``index``-th (0-based) RAM backend of a VM."""
+    if not 0 <= index < VMSTATE_TOKEN - 1:
+        raise ValueError(f"RAM backend index {index} out of range")
+    return index + 1
+
+
+@dataclass
+class RamRecord:
+    """One memory-backend-file of a VM: its QOM id, size in bytes and LUO token."""
+
+    id: str
+    size: int
+    token: int
+
+
+@dataclass
+class VmstateRecord:
+    token: int
+    size: int
+
+
+@dataclass
+class VmRecord:
+    """Everything restore needs to bring one VM back on the new kernel."""
+
+    name: str
+    binary: str
+    argv: list[str]  # QEMU arguments without the binary
+    qmp_socket: str
+    ram: list[RamRecord]
+    vmstate: VmstateRecord
+    was_running: bool
+    stopped_at_ns: int  # CLOCK_REALTIME when `stop` was issued
+    saved_at_ns: int  # CLOCK_REALTIME when the cpr-reboot save completed
+    qemu_version: str
+    ram_bytes_copied: int  # from the source's query-migrate: RAM bytes written into vmstate
+    session: str = ""
+    pid: int = 0  # the QEMU pid before kexec (for the report only)
+
+    def __post_init__(self) -> None:
+        if not self.session:
+            self.session = vm_session_name(self.name)
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(r.size for r in self.ram)
+
+
+@dataclass
+class Manifest:
+    """The whole document. ``schema`` is serialised first so any reader can check it before
+    trusting anything else."""
+
+    created_ns: int
+    kernel_from: str  # release of the kernel that wrote the manifest
+    kernel_to: str  # path of the image that was kexec'd
+    kernel_cmdline: str
+    agent_version: str
+    vms: list[VmRecord] = field(default_factory=list)
+    schema: tuple[int, int] = SCHEMA_VERSION
+    kernel_to_version: str = ""  # the image's own version string (bzImage header)
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        doc = {"schema": f"{self.schema[0]}.{self.schema[1]}"}  # first key on purpose
+        body = asdict(self)
+        body.pop("schema")
+        doc.update(body)
+        return doc
+
+    def to_json(self) -> bytes:
+        self.validate()
+        return (json.dumps(self.to_dict(), indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Manifest":
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestCorrupt(f"manifest is not valid JSON: {exc}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: object) -> "Manifest":
+        if not isinstance(doc, dict):
+            raise ManifestCorrupt("manifest is not a JSON object")
+        major, minor = _parse_schema(doc.get("schema"))
+        if major != SCHEMA_VERSION[0]:
+            raise ManifestVersionError(
+                f"manifest schema version {major}.{minor} is not supported by this luoagent "
+                f"(it reads schema {SCHEMA_VERSION[0]}.x, writes {SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}): "
+                "restore with the luoagent version that wrote it"
+            )
+        try:
+            vms = []
+            for v in doc["vms"]:
+                vms.append(
+                    VmRecord(
+                        name=_typed(v, "name", str),
+                        binary=_typed(v, "binary", str),
+                        argv=_str_list(v, "argv"),
+                        qmp_socket=_typed(v, "qmp_socket", str),
+                        ram=[
+                            RamRecord(id=_typed(r, "id", str), size=_typed(r, "size", int), token=_typed(r, "token", int))
+                            for r in v["ram"]
+                        ],
+                        vmstate=VmstateRecord(
+                            token=_typed(v["vmstate"], "token", int), size=_typed(v["vmstate"], "size", int)
+                        ),
+                        was_running=_typed(v, "was_running", bool),
+                        stopped_at_ns=_typed(v, "stopped_at_ns", int),
+                        saved_at_ns=_typed(v, "saved_at_ns", int),
+                        qemu_version=_typed(v, "qemu_version", str),
+                        ram_bytes_copied=_typed(v, "ram_bytes_copied", int),
+                        session=_typed(v, "session", str),
+                        pid=int(v.get("pid", 0)),
+                    )
+                )
+            m = cls(
+                created_ns=_typed(doc, "created_ns", int),
+                kernel_from=_typed(doc, "kernel_from", str),
+                kernel_to=_typed(doc, "kernel_to", str),
+                kernel_cmdline=_typed(doc, "kernel_cmdline", str),
+                agent_version=_typed(doc, "agent_version", str),
+                vms=vms,
+                schema=(major, minor),
+                kernel_to_version=str(doc.get("kernel_to_version", "")),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ManifestCorrupt(f"manifest field missing or malformed: {exc}") from None
+        except InvalidName as exc:
+            raise ManifestCorrupt(f"manifest names an invalid VM: {exc}") from None
+        m.validate()
+        return m
+
+    # ---- consistency ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """ManifestCorrupt unless names, sessions, tokens and sizes are consistent."""
+        seen: set[str] = set()
+        for vm in self.vms:
+            if vm.name in seen:
+                raise ManifestCorrupt(f"manifest lists VM {vm.name!r} twice")
+            seen.add(vm.name)
+            if vm.session != vm_session_name(vm.name):
+                raise ManifestCorrupt(f"VM {vm.name!r}: session {vm.session!r} does not match its name")
+            if not vm.ram:
+                raise ManifestCorrupt(f"VM {vm.name!r} has no RAM backends")
+            for i, r in enumerate(vm.ram):
+                if r.token != ram_token(i):
+                    raise ManifestCorrupt(f"VM {vm.name!r}: RAM backend {r.id!r} has token {r.token}, expected {ram_token(i)}")
+                if r.size <= 0:
+                    raise ManifestCorrupt(f"VM {vm.name!r}: RAM backend {r.id!r} has size {r.size}")
+            if vm.vmstate.token != VMSTATE_TOKEN:
+                raise ManifestCorrupt(f"VM {vm.name!r}: vmstate token {vm.vmstate.token:#x}, expected {VMSTATE_TOKEN:#x}")
+            if vm.vmstate.size <= 0:
+                raise ManifestCorrupt(f"VM {vm.name!r}: vmstate size {vm.vmstate.size}")
+            if not vm.argv:
+                raise ManifestCorrupt(f"VM {vm.name!r} has an empty QEMU argv")
+
+    def vm(self, name: str) -> VmRecord:
+        for v in self.vms:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+def _parse_schema(value: object) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise ManifestCorrupt(f"manifest schema version {value!r} is not a version")
+    if isinstance(value, int):
+        return value, 0
+    if isinstance(value, str):
+        m = re.fullmatch(r"(\d+)(?:\.(\d+))?", value)
+        if m:
+            return int(m.group(1)), int(m.group(2) or 0)
+    if value is None:
+        raise ManifestCorrupt("manifest has no schema version (first key 'schema'): not a luoagent manifest")
+    raise ManifestCorrupt(f"manifest schema version {value!r} is not of the form MAJOR.MINOR")
+
+
+def _typed(d: object, key: str, typ: type):
+    if not isinstance(d, dict):
+        raise TypeError(f"expected an object around {key!r}")
+    value = d[key]
+    # bool is an int in Python; keep the two apart so `true` never passes as a size
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{key!r} must be an integer, got {value!r}")
+    if not isinstance(value, typ):
+        raise TypeError(f"{key!r} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _str_list(d: dict, key: str) -> list[str]:
+    value = d[key]
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise TypeError(f"{key!r} must be a list of strings")
+    return value
+
+
+# ---- the sealed memfd ---------------------------------------------------------------------
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def write_sealed_memfd(manifest: Manifest) -> int:
+    """Serialise into a new memfd, seal it read-only and return the fd (caller owns it)."""
+    data = manifest.to_json()
+    fd = os.memfd_create("luoagent-manifest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_memfd(fd: int) -> Manifest:
+    """Parse a manifest from an fd (from offset 0, independent of the file position)."""
+    size = os.fstat(fd).st_size
+    if size > MANIFEST_MAX_BYTES:
+        raise ManifestCorrupt(f"manifest memfd is {size} bytes, more than {MANIFEST_MAX_BYTES}: not a luoagent manifest")
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise ManifestCorrupt(f"manifest memfd: read {len(data)} of {size} bytes")
+    return Manifest.from_json(data)
+
+
+def is_sealed(fd: int) -> bool:
+    """True if the fd carries every seal write_sealed_memfd adds."""
+    return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS == _SEALS

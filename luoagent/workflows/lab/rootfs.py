@@ -1,0 +1,318 @@
+"""The lab's Debian trixie root filesystem: a cached tree (debootstrap + backports QEMU) and its ext4 image.
+
+Also the per-run "run disk" (agent code, shim, kernel, parameters) built with ``mke2fs -d`` in seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from luoagent.errors import LabBuildError
+from luoagent.workflows.lab import cache
+
+SUITE = "trixie"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # .../luoagent
+REPO_ROOT = PACKAGE_ROOT.parent
+RECIPE_DIR = REPO_ROOT / "vm-images"
+CSRC_DIR = REPO_ROOT / "csrc"
+INIT_SOURCE = Path(__file__).resolve().parent / "init"
+#: where the init lives inside the rootfs image (the kernel's init= points here)
+INIT_PATH = "/sbin/luoagent-lab-init"
+#: mount point of the run disk inside the VM (created in the tree)
+RUN_MOUNT = "/lab"
+#: bump to force a rebuild of every tree when the build steps below change meaning
+TREE_RECIPE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Rootfs:
+    tree: Path          # the unpacked trixie tree (host QEMU runs from here too)
+    image: Path         # ext4 image of the tree + init (never written by runs: -snapshot)
+    python_tag: str     # the tree's extension suffix, e.g. ".cpython-313-x86_64-linux-gnu.so"
+    key: str
+
+
+def _recipe_lines(name: str) -> list[str]:
+    path = RECIPE_DIR / name
+    if not path.is_file():
+        raise LabBuildError(
+            f"rootfs recipe file {path} is missing; the lab builds from a luoagent source checkout "
+            f"(run from the repository, e.g. `pip install -e .`)"
+        )
+    lines = []
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def tree_key() -> str:
+    return cache.inputs_hash(
+        TREE_RECIPE_VERSION, SUITE,
+        RECIPE_DIR / "rootfs-packages.txt", RECIPE_DIR / "rootfs-apt.txt",
+        RECIPE_DIR / "rootfs-backports.txt",
+        RECIPE_DIR / "rootfs-wheels.txt",
+    )
+
+
+def _mirror() -> str:
+    try:
+        from luoagent.workflows.lab import debian
+    except ImportError:
+        debian = None
+    if debian is not None and hasattr(debian, "mirror"):
+        return debian.mirror()
+    src = Path("/etc/apt/sources.list.d/debian.sources")
+    if src.is_file():
+        for line in src.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    raise LabBuildError(
+        "cannot find a Debian mirror: no URIs: line in /etc/apt/sources.list.d/debian.sources"
+    )
+
+
+def _run(argv: list[str], log: Path, what: str, env: dict | None = None, timeout: float = 1800) -> str:
+    """Run a build command, appending its output to ``log``; on failure show the log's tail."""
+    with open(log, "ab") as logf:
+        logf.write(("\n$ " + " ".join(argv) + "\n").encode())
+        logf.flush()
+        try:
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=env, timeout=timeout)
+        except FileNotFoundError as exc:
+            raise LabBuildError(f"{what}: {argv[0]} not found; install it (apt-get install "
+                                f"{ {'debootstrap': 'debootstrap', 'mke2fs': 'e2fsprogs'}.get(argv[0], argv[0]) })") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise LabBuildError(f"{what}: timed out after {timeout:.0f}s; log: {log}") from exc
+        logf.write(proc.stdout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.decode(errors="replace").splitlines()[-25:])
+        raise LabBuildError(f"{what} failed (exit {proc.returncode}); full log: {log}\n{tail}")
+    return proc.stdout.decode(errors="replace")
+
+
+def _chroot(tree: Path, script: str, log: Path, what: str) -> str:
+    # A private mount namespace: /proc and /dev mounts vanish with the process, never leak.
+    inner = (
+        f"mount -t proc proc {tree}/proc && mount --rbind /dev {tree}/dev && "
+        f"exec chroot {tree} /bin/sh -ec {_shq(script)}"
+    )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8",
+               PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    return _run(["unshare", "--mount", "--propagation", "private", "sh", "-ec", inner], log, what, env=env)
+
+
+def _shq(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise LabBuildError(f"{what} needs root (debootstrap and chroot); run as root")
+
+
+def build_tree(progress: cache.Progress | None = None) -> Path:
+    """Return the cached trixie tree, building it (debootstrap + backports QEMU + wheels) if absent."""
+    progress = progress or cache.Progress(quiet=True)
+    art = cache.Artifact("rootfs-tree", tree_key())
+    if (art.path / "tree" / "usr/bin/qemu-system-x86_64").exists():
+        return art.path / "tree"
+    _require_root("building the lab rootfs")
+    with art.lock():
+        if (art.path / "tree" / "usr/bin/qemu-system-x86_64").exists():
+            return art.path / "tree"
+        cache.require_space(art.kind_dir, 2_000_000_000, "the lab rootfs tree")
+        mirror = _mirror()
+        with art.build(replace=True) as tmp:
+            tree = tmp / "tree"
+            log = tmp / "build.log"
+            packages = _recipe_lines("rootfs-packages.txt")
+            progress.phase("rootfs: debootstrap trixie", note=f"{len(packages)} extra packages")
+            _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages),
+                  SUITE, str(tree), mirror], log, "debootstrap of the lab rootfs")
+            progress.phase("rootfs: apt (python deps, backports QEMU)")
+            (tree / "etc/apt/sources.list.d/backports.list").write_text(
+                f"deb {mirror} {SUITE}-backports main\n")
+            (tree / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+            (tree / "usr/sbin/policy-rc.d").chmod(0o755)
+            extras = " ".join(_recipe_lines("rootfs-apt.txt"))
+            backports = " ".join(_recipe_lines("rootfs-backports.txt"))
+            _chroot(tree, f"apt-get update -q && apt-get install -y -q --no-install-recommends {extras} && "
+                          f"apt-get install -y -q --no-install-recommends "
+                          f"-t {SUITE}-backports {backports} && apt-get clean && "
+                          f"rm -rf /var/lib/apt/lists/*", log,
+                    "apt-get install in the rootfs chroot (python deps, QEMU from trixie-backports)")
+            (tree / "usr/sbin/policy-rc.d").unlink()
+            wheels = _recipe_lines("rootfs-wheels.txt")
+            if wheels:
+                progress.phase("rootfs: python wheels", note=" ".join(wheels))
+                _install_wheels(tree, wheels, log)
+            _finish_tree(tree)
+            (tmp / "SUITE").write_text(SUITE + "\n")
+    return art.path / "tree"
+
+
+def _install_wheels(tree: Path, wheels: list[str], log: Path) -> None:
+    import sys
+    import zipfile
+
+    wheel_dir = cache.cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+          "--dest", str(wheel_dir), *wheels], log, "downloading Python wheels for the rootfs")
+    site = tree / "usr/lib/python3/dist-packages"
+    for spec in wheels:
+        dist = spec.split("==")[0].replace("-", "_").replace(".", "_").lower()
+        found = [w for w in wheel_dir.glob("*.whl")
+                 if w.name.split("-")[0].replace(".", "_").lower() == dist
+                 and ("==" not in spec or w.name.split("-")[1] == spec.split("==")[1])]
+        if not found:
+            raise LabBuildError(f"pip downloaded no wheel for {spec} into {wheel_dir}")
+        with zipfile.ZipFile(sorted(found)[-1]) as zf:
+            zf.extractall(site)
+
+
+def _finish_tree(tree: Path) -> None:
+    (tree / RUN_MOUNT.lstrip("/")).mkdir(exist_ok=True)
+    (tree / "etc/hostname").write_text("luoagent-lab\n")
+    # Nothing in the tree's caches is needed at run time; keep the image small.
+    for junk in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
+        p = tree / junk
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            p.mkdir()
+
+
+def python_ext_suffix(tree: Path) -> str:
+    """The tree's CPython extension suffix, read from its sysconfig data (no chroot needed)."""
+    for version in ("3.13", "3.14", "3.12"):
+        if (tree / f"usr/include/python{version}/Python.h").exists():
+            return f".cpython-{version.replace('.', '')}-x86_64-linux-gnu.so"
+    raise LabBuildError(f"no Python headers in the lab rootfs tree {tree} (libpython3.13-dev missing)")
+
+
+def build_image(tree: Path, progress: cache.Progress | None = None) -> Path:
+    """Return the cached ext4 image of ``tree`` with our init installed (mke2fs -d, no loop mount)."""
+    progress = progress or cache.Progress(quiet=True)
+    if not INIT_SOURCE.is_file():
+        raise LabBuildError(f"the lab init script {INIT_SOURCE} is missing")
+    art = cache.Artifact("rootfs-image", cache.inputs_hash(str(tree), tree.parent.name, INIT_SOURCE))
+    image = art / "rootfs.ext4"
+    if image.exists():
+        return image
+    with art.lock():
+        if image.exists():
+            return image
+        progress.phase("rootfs: ext4 image", note="mke2fs -d")
+        init_dst = tree / INIT_PATH.lstrip("/")
+        shutil.copyfile(INIT_SOURCE, init_dst)
+        init_dst.chmod(0o755)
+        size_mb = _tree_mb(tree) * 13 // 10 + 256
+        cache.require_space(art.kind_dir, size_mb * 1_000_000, "the lab rootfs image")
+        with art.build(replace=True) as tmp:
+            make_ext4(tree, tmp / "rootfs.ext4", size_mb, label="luoagent-root", log=tmp / "mke2fs.log")
+        # Older images (an earlier init or tree) are dead weight (~0.7 GB each). A QEMU still
+        # running from one keeps reading it after the unlink, so removing them is safe.
+        for old in art.kind_dir.iterdir():
+            if old.is_dir() and old.name != art.key and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    return image
+
+
+def _tree_mb(tree: Path) -> int:
+    out = subprocess.run(["du", "-sm", "--apparent-size", str(tree)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LabBuildError(f"cannot measure {tree}: {out.stderr.strip()}")
+    return int(out.stdout.split()[0])
+
+
+def make_ext4(src_dir: Path, image: Path, size_mb: int, label: str, log: Path | None = None) -> None:
+    """Create an ext4 image holding ``src_dir`` (mke2fs -d; no loop device, no mount)."""
+    if image.exists():
+        image.unlink()
+    log = log or image.with_suffix(".mke2fs.log")
+    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-J", "size=8", "-E",
+          "lazy_itable_init=1,lazy_journal_init=1", "-d", str(src_dir), str(image), f"{size_mb}M"],
+         log, f"mke2fs of {image.name}")
+
+
+def build_rootfs(progress: cache.Progress | None = None) -> Rootfs:
+    tree = build_tree(progress)
+    image = build_image(tree, progress)
+    return Rootfs(tree=tree, image=image, python_tag=python_ext_suffix(tree), key=tree.parent.name)
+
+
+# --- the cffi shim, compiled for the rootfs's Python ----------------------------------------
+def build_shim(tree: Path, progress: cache.Progress | None = None, kernel_headers: Path | None = None) -> Path:
+    """Compile ``luoagent._luo_shim`` for the tree's CPython; returns the .so (cached by csrc hash).
+
+    The C source is emitted by the tree's own cffi (chroot, so it matches the VM's
+    _cffi_backend), then compiled by the host's gcc against the tree's Python headers."""
+    progress = progress or cache.Progress(quiet=True)
+    if not (CSRC_DIR / "build_shim.py").is_file():
+        raise LabBuildError(f"{CSRC_DIR}/build_shim.py is missing: cannot build the LUO shim for the lab")
+    suffix = python_ext_suffix(tree)
+    kheaders = _kernel_uapi_headers(kernel_headers)
+    art = cache.Artifact("shim", cache.inputs_hash(CSRC_DIR, tree.parent.name, suffix,
+                                                   str(kheaders) if kheaders else None))
+    so = art / ("_luo_shim" + suffix)
+    if so.exists():
+        return so
+    _require_root("building the LUO shim for the lab (chroot)")
+    with art.lock():
+        if so.exists():
+            return so
+        progress.phase("shim: cffi for the lab's python3")
+        with art.build(replace=True) as tmp:
+            log = tmp / "build.log"
+            work = Path(tempfile.mkdtemp(prefix="luoagent-shim-", dir=tree / "tmp"))
+            try:
+                shutil.copytree(CSRC_DIR, work / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+                inner = "/" + str(work.relative_to(tree))
+                _run(["chroot", str(tree), "/usr/bin/python3", "-c",
+                      "import runpy,sys; ns = runpy.run_path(sys.argv[1]); "
+                      "ns['ffibuilder'].emit_c_code(sys.argv[2])",
+                      f"{inner}/csrc/build_shim.py", f"{inner}/_luo_shim.c"],
+                     log, "emitting the cffi shim source in the rootfs")
+                c_file = tmp / "_luo_shim.c"
+                shutil.copyfile(work / "_luo_shim.c", c_file)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            pyver = suffix.split("-")[1]  # "313"
+            pyinc = f"python{pyver[0]}.{pyver[1:]}"
+            # pyconfig.h includes <x86_64-linux-gnu/python3.X/pyconfig.h>: expose just that
+            # directory, not all of the tree's /usr/include (host glibc headers stay in charge).
+            arch_inc = tmp / "include" / "x86_64-linux-gnu"
+            arch_inc.mkdir(parents=True)
+            (arch_inc / pyinc).symlink_to(tree / "usr/include/x86_64-linux-gnu" / pyinc)
+            argv = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror=implicit-function-declaration",
+                    "-I", str(CSRC_DIR), "-I", str(tree / "usr/include" / pyinc),
+                    "-I", str(tmp / "include")]
+            if kheaders:
+                argv += ["-I", str(kheaders)]
+            _run(argv + [str(c_file), "-o", str(tmp / so.name)], log, "compiling the LUO shim for the lab")
+    return so
+
+
+def _kernel_uapi_headers(given: Path | None) -> Path | None:
+    """A uapi include dir with linux/liveupdate.h: with it the shim's compile proves luo_abi.h
+    against the lab kernel's own header (abi_check.c). The lab kernel's headers_install output
+    if known, else $LUOAGENT_KERNEL_HEADERS."""
+    for cand in (given, os.environ.get("LUOAGENT_KERNEL_HEADERS")):
+        if cand and (Path(cand) / "linux/liveupdate.h").is_file():
+            return Path(cand)
+    return None
+
+
+# --- the per-run disk --------------------------------------------------------------------
+def stage_agent(dest: Path, shim: Path) -> None:
+    """Copy the luoagent package source plus the VM-built shim into ``dest`` (-> dest/luoagent)."""
+    shutil.copytree(PACKAGE_ROOT, dest / "luoagent",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
+    shutil.copyfile(shim, dest / "luoagent" / shim.name)

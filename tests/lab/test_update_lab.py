@@ -1,0 +1,84 @@
+"""Lab tier for the main job: `luoagent update` → real kexec → `luoagent restore` with two VMs,
+then rollbacks with real LUO sessions and the manifest errors (scenario vm-update).
+
+Every check runs inside the lab VM (real LUO kernel, nested QEMU 11.1); this file reads its
+KTAP results by name, so a red check inside the lab is a red test here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from luoagent.workflows.lab.scenarios import vm_update as sc
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+
+@pytest.fixture(scope="module")
+def run(lab):
+    return lab.run(["vm-update"])
+
+
+def _ok(result, desc):
+    s = result.scenario(sc.NAME)
+    t = s.test(desc)
+    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
+
+
+def test_update_kexecs_and_restore_brings_two_vms_back(run):
+    _ok(run, sc.UPDATE_KEXECED)
+    _ok(run, sc.RESTORE_OK)
+    assert "KHO: exec from:" in run.console
+
+
+@pytest.mark.parametrize("vm", sc.VMS)
+def test_guest_continues_with_ram_in_place(run, vm):
+    for desc in (sc.COUNTER_CONTINUES, sc.COUNTER_RISING, sc.CANARY_OK, sc.VMSTATE_SMALL, sc.RAM_NOT_COPIED):
+        _ok(run, desc.format(vm=vm))
+    # the blackout is reported (stop -> running across the kexec)
+    assert re.search(rf"guest {vm}: blackout \d+\.\d+ s", run.console), run.tail(60)
+
+
+def test_restored_vms_are_listed(run):
+    _ok(run, sc.LISTED)
+
+
+@pytest.mark.parametrize("case, desc", [("dry run", sc.DRY_RUN),
+                                        ("fault after quiesce", sc.ROLLBACK_FAULT),
+                                        ("reboot refused", sc.ROLLBACK_REBOOT)])
+def test_rollback_inside_the_lab_leaves_vms_running_and_no_session(run, case, desc):
+    _ok(run, desc)
+    for vm in sc.VMS:
+        _ok(run, f"{case}: guest {vm} running, counter rising")
+    _ok(run, sc.NO_SESSION_LEFT.format(case=case))
+    _ok(run, f"after rollback ({case}): no kexec image left loaded")
+
+
+def test_manifest_errors(run):
+    _ok(run, sc.VERSION_ERROR)
+    _ok(run, sc.MISSING_ERROR)
+
+
+def test_whole_scenario_green(run):
+    run.assert_ok()
+    print(run.summary())
+
+
+# ---- a VM that restore cannot bring back loses nothing -------------------------------------
+@pytest.fixture(scope="module")
+def rescue_run(lab):
+    return lab.run(["vm-update"], debug={"restore_fault": True})
+
+
+def test_failed_restore_writes_a_rescue_image_that_restores(rescue_run):
+    """VM b's restore fails on purpose (test-only fault) after its memfds were retrieved: it is
+    written out as a cpr-reboot image, `restore --from-rescue` brings it back with its counter
+    and canary intact, and a later update refuses its file-backed RAM before touching anything."""
+    for desc in (sc.RESCUE_WRITTEN, sc.RESCUE_RESTORED, sc.RESCUE_NOT_PRESERVABLE):
+        _ok(rescue_run, desc)
+    for vm in sc.VMS:
+        for desc in (sc.COUNTER_CONTINUES, sc.COUNTER_RISING, sc.CANARY_OK):
+            _ok(rescue_run, desc.format(vm=vm))
+        _ok(rescue_run, f"after the refused update: guest {vm} running, counter rising")
+    rescue_run.assert_ok()

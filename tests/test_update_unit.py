@@ -1,0 +1,194 @@
+"""Unit tests for the pure logic of the update and restore workflows: kernel image checks,
+VM discovery, argv rewriting for restore, RAM block parsing, fault switches, manifest lookup.
+
+No LUO, kexec or QEMU here; the one test double is a stand-in for /dev/liveupdate's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+
+import pytest
+
+from luoagent.errors import (
+    InvalidName,
+    KexecImageError,
+    ManifestMissing,
+    ManifestVersionError,
+    QmpUnreachable,
+    RestoreError,
+    SessionAlreadyRetrieved,
+    SessionNotFound,
+    UpdateError,
+    UsageError,
+)
+from luoagent import manifest as mf
+from luoagent.workflows import restore, update
+
+
+def fake_bzimage(path, ok=True):
+    data = bytearray(4096)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS" if ok else b"XXXX"
+    data[0x20E:0x210] = (0x400).to_bytes(2, "little")  # kernel_version at 0x200 + 0x400
+    data[0x600:0x612] = b"7.2.13 (test) #1\0\0"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_kernel_image_checks(tmp_path):
+    good = fake_bzimage(tmp_path / "bzImage")
+    assert update.check_kernel_image(good, None) == "7.2.13 (test) #1"
+    with pytest.raises(KexecImageError, match="does not exist"):
+        update.check_kernel_image(tmp_path / "nope", None)
+    with pytest.raises(KexecImageError, match="not an x86 bzImage"):
+        update.check_kernel_image(fake_bzimage(tmp_path / "bad", ok=False), None)
+    (tmp_path / "short").write_bytes(b"HdrS")
+    with pytest.raises(KexecImageError, match="not an x86 bzImage"):
+        update.check_kernel_image(tmp_path / "short", None)
+    with pytest.raises(KexecImageError, match="not a regular file"):
+        update.check_kernel_image(tmp_path, None)
+    with pytest.raises(KexecImageError, match="initrd"):
+        update.check_kernel_image(good, tmp_path / "no-initrd")
+
+
+def test_discover_from_state_dir_and_adoption(tmp_path):
+    for name in ("a", "b", "not-a-vm"):
+        (tmp_path / name).mkdir()
+    # records as `luoagent vm start` writes them (argv without -qmp; binary under "qemu")
+    (tmp_path / "a" / "vm.json").write_text(json.dumps(
+        {"name": "a", "pid": 42, "qemu": "/usr/bin/qemu-system-x86_64", "qmp_socket": "/x/a.sock", "argv": ["-m", "64"]}))
+    (tmp_path / "b" / "vm.json").write_text(json.dumps({"name": "b", "pid": 43}))
+    targets = update.discover([], tmp_path)
+    assert [t.name for t in targets] == ["a", "b"]
+    assert targets[0].pid == 42 and str(targets[0].qmp_socket) == "/x/a.sock" and targets[0].argv == ["-m", "64"]
+    assert targets[0].binary == "/usr/bin/qemu-system-x86_64"
+    assert targets[1].qmp_socket == tmp_path / "b" / "qmp.sock"
+    adopted = update.discover(["ext=/tmp/ext.sock"], tmp_path)
+    assert adopted[0].adopted and str(adopted[0].qmp_socket) == "/tmp/ext.sock"
+    with pytest.raises(UsageError, match="not known"):
+        update.discover(["zzz"], tmp_path)
+    with pytest.raises(UsageError, match="twice"):
+        update.discover(["a", "a"], tmp_path)
+    with pytest.raises(InvalidName):
+        update.discover(["x" * 60 + "=/s"], tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        update.discover([], tmp_path / "missing")
+    with pytest.raises(UsageError, match="empty"):
+        (tmp_path / "empty").mkdir()
+        update.discover([], tmp_path / "empty")
+
+
+def test_peer_pid_of_a_unix_socket_and_unreachable(tmp_path):
+    path = tmp_path / "s.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    try:
+        assert update.peer_pid(path) == os.getpid()
+    finally:
+        srv.close()
+    # the file is still there but nobody listens: refused
+    with pytest.raises(QmpUnreachable, match="unreachable"):
+        update.peer_pid(path)
+
+
+def test_fault_switch(monkeypatch):
+    monkeypatch.setenv(update.FAULT_ENV, "after-quiesce, quiesce:b")
+    with pytest.raises(UpdateError) as ei:
+        update._fault("after-quiesce")
+    assert ei.value.step == "after-quiesce" and ei.value.vm is None
+    update._fault("reboot-x")
+    update._fault("quiesce", "a")
+    with pytest.raises(UpdateError) as ei:
+        update._fault("quiesce", "b")
+    assert ei.value.vm == "b" and "test only" in str(ei.value)
+
+
+def test_ramblock_parsing():
+    text = (
+        "              Block Name    PSize              Offset               Used              Total                HVA  RO\n"
+        "                    ram0    4 KiB  0x0000000000000000 0x0000000004000000 0x0000000004000000 0x00007f9e27fff000  rw\n"
+        "                 pc.bios    4 KiB  0x0000000004000000 0x0000000000040000 0x0000000000040000 0x00007f9e71c00000  ro\n"
+    )
+
+    class Q:
+        async def execute(self, cmd, args=None):
+            assert cmd == "human-monitor-command"
+            return text
+
+    assert asyncio.run(update._ramblocks(Q())) == {"ram0": 64 << 20, "pc.bios": 0x40000}
+
+
+def test_restore_argv_rewrites_ram_and_incoming():
+    argv = [
+        "-machine", "pc", "-daemonize",
+        "-object", "memory-backend-file,id=ram0,size=64M,mem-path=/proc/self/fd/3,share=on",
+        "-object", '{"qom-type": "memory-backend-file", "id": "ram1", "size": 4096, "mem-path": "/proc/self/fd/4", "share": true}',
+        "-object", "memory-backend-file,id=other,size=1M,mem-path=/dev/shm/x,,y,share=on",
+        "-incoming", "tcp:0:4444",
+        "-qmp", "unix:/run/luoagent/vms/a/qmp.sock,server=on,wait=off",
+    ]
+    out = restore.restore_argv(argv + ["-add-fd", "fd=3,set=1"], {"ram0": "/proc/self/fd/9", "ram1": "/proc/self/fd/10"})
+    assert "-daemonize" not in out and "tcp:0:4444" not in out and "-add-fd" not in out
+    assert out[-2:] == ["-incoming", "defer"]
+    assert "memory-backend-file,id=ram0,size=64M,mem-path=/proc/self/fd/9,share=on" in out
+    assert json.loads(out[out.index("-object", 4) + 1])["mem-path"] == "/proc/self/fd/10"
+    # an unrelated object (with an escaped comma) is left exactly as it was
+    assert "memory-backend-file,id=other,size=1M,mem-path=/dev/shm/x,,y,share=on" in out
+    with pytest.raises(RestoreError, match="ram9"):
+        restore.restore_argv(argv, {"ram9": "/proc/self/fd/1"})
+
+
+class FakeLu:
+    """Stands in for LiveUpdate's retrieve_session answers (pure logic test)."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def retrieve_session(self, name):
+        assert name == mf.MANIFEST_SESSION
+        raise self.exc("x", errno=0)
+
+
+@pytest.mark.parametrize("exc, match", [(SessionNotFound, "nothing to restore"), (SessionAlreadyRetrieved, "already retrieved")])
+def test_no_manifest_is_manifest_missing(exc, match):
+    with pytest.raises(ManifestMissing, match=match):
+        restore.retrieve_manifest(FakeLu(exc))
+
+
+def test_unknown_manifest_version_via_memfd():
+    fd = os.memfd_create("m")
+    try:
+        os.write(fd, json.dumps({"schema": "7.1", "vms": []}).encode())
+        with pytest.raises(ManifestVersionError, match=r"7\.1.*1\.0"):
+            mf.read_memfd(fd)
+    finally:
+        os.close(fd)
+
+
+def test_demo_summary_reads_the_scenarios_diag_lines():
+    from luoagent.workflows.lab import demo
+
+    lines = [
+        "update: [update] preflight done in 1.450 s",
+        "update: [update] quiesce done in 0.461 s",
+        "update: [update]   kexec now (preparation took 3.515 s)",
+        "restore: [restore] a: running (pid 34), blackout 9.215 s = save 0.244 + cont 0.053",
+        "guest a: blackout 9.215 s (stop -> running, across kexec), vmstate 316302 B of 64 MiB RAM, RAM bytes copied 0",
+        "guest a: counter 100 before update -> 200 after restore -> 300 0.5 s later",
+        "fault after quiesce: [update] quiesce done in 0.3 s",
+        "fault after quiesce: luoagent update: error: update failed at step after-quiesce: x",
+    ]
+    story = demo.summarize(lines)
+    assert story["phases"] == [{"phase": "preflight", "seconds": 1.45}, {"phase": "quiesce", "seconds": 0.461}]
+    assert story["preparation_seconds"] == 3.515
+    a = story["vms"]["a"]
+    assert (a["counter_before"], a["counter_after"], a["counter_later"]) == (100, 200, 300)
+    assert a["ram_bytes_copied"] == 0 and a["vmstate_bytes"] == 316302 and a["ram_bytes"] == 64 << 20
+    assert a["blackout_s"] == 9.215 and a["blackout_parts"] == "save 0.244 + cont 0.053"
+    assert story["rollbacks"] == {"fault after quiesce": "update failed at step after-quiesce: x"}
+    text = demo.render(story, True, 82.0)
+    assert "RAM bytes copied 0" in text and "100 before update -> 200 after restore" in text and "PASS" in text
