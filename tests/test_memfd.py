@@ -151,3 +151,13 @@ def test_sha256_on_write_only_fd_says_so(fds):
     os.write(w, b"x")
     with pytest.raises(MemfdError, match="readable"):
         memfd.sha256(w)
+
+
+def test_sha256_keeps_the_file_offset_of_a_dense_memfd(fds):
+    """LUO preserves the file offset, so hashing (lseek SEEK_DATA/SEEK_HOLE inside) must restore it."""
+    fd = memfd.create("dense", 4 * MiB)
+    fds.append(fd)
+    memfd.write_pattern(fd, 0, 4 * MiB, seed=3)
+    os.lseek(fd, 777, os.SEEK_SET)
+    memfd.sha256(fd)
+    assert os.lseek(fd, 0, os.SEEK_CUR) == 777

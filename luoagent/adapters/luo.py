@@ -186,7 +186,7 @@ def luo_error(
             return make(
                 errors.NotPreservable,
                 "the memfd carries a seal this kernel cannot preserve; use only "
-                "F_SEAL_SEAL/SHRINK/GROW/WRITE/FUTURE_WRITE",
+                "F_SEAL_SEAL/SHRINK/GROW/WRITE/FUTURE_WRITE/EXEC",
             )
         if err == E.EEXIST:
             return make(errors.TokenExists, "the token is already used in this session; pick a unique token")

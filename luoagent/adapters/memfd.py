@@ -17,8 +17,9 @@ SEAL_SHRINK = fcntl.F_SEAL_SHRINK
 SEAL_GROW = fcntl.F_SEAL_GROW
 SEAL_WRITE = fcntl.F_SEAL_WRITE
 SEAL_FUTURE_WRITE = 0x0010  # linux/fcntl.h; Python's fcntl does not name it
+SEAL_EXEC = 0x0020  # linux/fcntl.h (6.3+); LUO 7.2 preserves it too
 SEAL_NAMES = {SEAL_SEAL: "seal", SEAL_SHRINK: "shrink", SEAL_GROW: "grow",
-              SEAL_WRITE: "write", SEAL_FUTURE_WRITE: "future_write"}
+              SEAL_WRITE: "write", SEAL_FUTURE_WRITE: "future_write", SEAL_EXEC: "exec"}
 
 # Patterns are generated per block so any (offset, length) can be produced or checked alone.
 PATTERN_BLOCK = 1 << 20
@@ -213,6 +214,9 @@ def sha256(fd: int) -> str:
             n -= step
 
     pos = 0
+    # data_extents() walks with lseek(SEEK_DATA/SEEK_HOLE), which moves the file offset; LUO
+    # preserves that offset, so callers must see it unchanged after hashing.
+    saved_offset = os.lseek(fd, 0, os.SEEK_CUR)
     try:
         for start, end in data_extents(fd, total):
             zeros(start - pos)
@@ -225,5 +229,7 @@ def sha256(fd: int) -> str:
                 pos += got
     except OSError as exc:
         raise _fail(f"hashing fd {fd}", exc, "the fd must be readable") from None
+    finally:
+        os.lseek(fd, saved_offset, os.SEEK_SET)
     zeros(total - pos)
     return digest.hexdigest()
