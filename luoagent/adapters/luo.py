@@ -241,7 +241,35 @@ def _call(op: str, fn, *args, **ctx):
     return ret
 
 
-class Session:
+class _OwnedFd:
+    """An fd this object owns: closed on close(), on leaving a ``with`` block, and when collected."""
+
+    _fd: int = -1
+
+    def _closed_fd(self, fd: int) -> None:
+        """Hook run after the fd is closed (subclasses log what closing meant)."""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+            self._closed_fd(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # An unreferenced owner must not linger: for a session, its fd decides what survives kexec.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Session(_OwnedFd):
     """One LUO session fd.
 
     Outgoing (``create_session``): preserve files into it; they cross the next kexec only
@@ -304,30 +332,17 @@ class Session:
 
     def close(self) -> None:
         """Close the session fd: outgoing → its files are unpreserved; incoming → finished."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-            log.debug("luo.session_closed", name=self._name, incoming=self.incoming)
+        super().close()
 
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        # An unreferenced session must not linger: its fd decides what survives kexec.
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _closed_fd(self, fd: int) -> None:
+        log.debug("luo.session_closed", name=self._name, incoming=self.incoming)
 
     def __repr__(self) -> str:
         kind = "incoming" if self.incoming else "outgoing"
         return f"<Session {self._name!r} {kind} fd={self._fd}>"
 
 
-class LiveUpdate:
+class LiveUpdate(_OwnedFd):
     """An open /dev/liveupdate: the factory of sessions.
 
     Only one process may hold it open (others get LuoBusy). Closing it does not end sessions
@@ -368,20 +383,3 @@ class LiveUpdate:
         raw = validate_name(name)
         fd = _call("retrieve_session", lib.luo_retrieve_session, self.fileno(), raw, name=name, incoming=True)
         return Session(fd, name, incoming=True)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> LiveUpdate:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
