@@ -174,6 +174,7 @@ def test_demo_summary_reads_the_scenarios_diag_lines():
 
     lines = [
         "update: [update] preflight done in 1.450 s",
+        "restore: [restore] manifest: schema 1.0, 2 VM(s), written by kernel 7.2.13, now on 7.3.4",
         "update: [update] quiesce done in 0.461 s",
         "update: [update]   kexec now (preparation took 3.515 s)",
         "restore: [restore] a: running (pid 34), blackout 9.215 s = save 0.244 + cont 0.053",
@@ -185,10 +186,11 @@ def test_demo_summary_reads_the_scenarios_diag_lines():
     story = demo.summarize(lines)
     assert story["phases"] == [{"phase": "preflight", "seconds": 1.45}, {"phase": "quiesce", "seconds": 0.461}]
     assert story["preparation_seconds"] == 3.515
+    assert story["kernel"] == {"from": "7.2.13", "to": "7.3.4"}
     a = story["vms"]["a"]
     assert (a["counter_before"], a["counter_after"], a["counter_later"]) == (100, 200, 300)
     assert a["ram_bytes_copied"] == 0 and a["vmstate_bytes"] == 316302 and a["ram_bytes"] == 64 << 20
     assert a["blackout_s"] == 9.215 and a["blackout_parts"] == "save 0.244 + cont 0.053"
     assert story["rollbacks"] == {"fault after quiesce": "update failed at step after-quiesce: x"}
     text = demo.render(story, True, 82.0)
-    assert "RAM bytes copied 0" in text and "100 before update -> 200 after restore" in text and "PASS" in text
+    assert "kernel 7.2.13 -> 7.3.4" in text and "RAM bytes copied 0" in text and "100 before update -> 200 after restore" in text and "PASS" in text

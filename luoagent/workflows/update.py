@@ -24,7 +24,6 @@ import json
 import os
 import re
 import socket
-import stat
 import struct
 import sys
 import time
@@ -457,7 +456,7 @@ class _Update:
             w.status_before = await w.qmp.status()
             if w.status_before in ("inmigrate", "postmigrate", "finish-migrate", "shutdown", "internal-error"):
                 raise VmNotPreservable(f"VM is in state {w.status_before!r}; only running or paused VMs can be carried")
-            w.backends = await preservable_backends(pid, w.qmp)
+            w.backends = await qa.ram_backends(pid, w.qmp)
             w.qemu_version = await self._qemu_version(w)
         except LuoAgentError as exc:
             exc.vm = t.name  # type: ignore[attr-defined]
@@ -736,44 +735,6 @@ class _Update:
                 for w in self.work
             ],
         }
-
-
-def _is_memfd_inode(pid: int, fd: int) -> bool:
-    """True if fd ``fd`` of ``pid`` lives on the kernel's internal shmem mount, where every
-    memfd lives. A memfd that LUO gave back after kexec has an empty name (its /proc link reads
-    '/ (deleted)', not '/memfd:…'), so the name cannot be the test."""
-    probe = os.memfd_create("luoagent-probe", os.MFD_CLOEXEC)
-    try:
-        theirs = os.stat(f"/proc/{pid}/fd/{fd}")
-        return stat.S_ISREG(theirs.st_mode) and theirs.st_dev == os.fstat(probe).st_dev and theirs.st_nlink == 0
-    except OSError:
-        return False
-    finally:
-        os.close(probe)
-
-
-async def preservable_backends(pid: int, q) -> list:
-    """The QEMU's RAM backends, VmNotPreservable unless every one is a share=on
-    memory-backend-file over a memfd (including memfds restored by an earlier live update)."""
-    from luoagent.adapters import qemu as qa
-
-    backends = []
-    for b in await qa.inspect_ram(pid, q):
-        if b.problem and b.qemu_fd is not None and b.qom_type == "memory-backend-file" and b.share:
-            if _is_memfd_inode(pid, b.qemu_fd):
-                b = dataclasses.replace(b, problem=None)
-        backends.append(b)
-    bad = [b for b in backends if b.problem]
-    if bad:
-        raise VmNotPreservable(
-            "VM RAM cannot stay in place: " + "; ".join(f"backend {b.id!r}: {b.problem}" for b in bad)
-        )
-    if not backends:
-        raise VmNotPreservable(
-            "VM has no memory-backend object: its RAM is private and would be copied; start "
-            "it with -object memory-backend-file,...,share=on -machine memory-backend=ID"
-        )
-    return backends
 
 
 async def _ramblocks(q) -> dict[str, int]:

@@ -202,8 +202,11 @@ def test_kernel_selftests_run_in_the_lab_beside_our_ktap(lab):
     # the kselftest harness's own results become ours, one per kernel test case
     assert sum(1 for t in single.tests if t.description.startswith("liveupdate: liveupdate_device.")) >= 10
     two_stage = result.scenario("luo_kexec_simple")
+    from luoagent.workflows.lab.selftests import SELFTESTS
+
+    spec = next(s for s in SELFTESTS if s["name"] == "luo_kexec_simple")
     assert [t.description for t in two_stage.tests] == [
-        "selftests/luo_kexec_simple --stage 1 exit=0", "selftests/luo_kexec_simple --stage 2 exit=0"]
+        " ".join(["selftests/luo_kexec_simple", *args, "exit=0"]) for args in spec["stages"]]
     assert "SIMPLE KEXEC TEST PASSED" in result.console
     assert result.boots == 3
 
@@ -262,3 +265,10 @@ def test_persistent_state_saves_on_every_top_level_change():
     ctx.save()
     assert dict(ctx.state) == {"b": {"x": 2}, "c": 3}
     assert len(saves) == 5
+
+
+def test_run_all_orders_scenarios_by_memory_size():
+    from luoagent.workflows.lab.cli import _memory_bytes
+
+    assert [_memory_bytes(m) for m in ("1G", "512M", "3g", "2048")] == [1 << 30, 512 << 20, 3 << 30, 2048 << 20]
+    assert sorted(["3G", "1G", "512M", "1G"], key=_memory_bytes) == ["512M", "1G", "1G", "3G"]

@@ -32,7 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-selftests", action="store_true", help="do not build the kernel's LUO selftests")
 
     p = sub.add_parser("run", help="run scenarios in the lab VM (real kexecs between stages)")
-    p.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario names (`luoagent lab list`)")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenario names (`luoagent lab list`)")
+    p.add_argument("--all", action="store_true", help="every scenario not marked slow")
+    p.add_argument("--slow", action="store_true", help="with --all: the slow ones too")
     _common(p)
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
     p.add_argument("--debug", action="append", default=[], metavar="KEY[=VAL]",
@@ -117,9 +119,19 @@ def run(args) -> int:
         debug = parse_debug(args.debug)
         from luoagent.workflows.lab.scenarios import resolve
 
-        resolve(args.scenarios)  # bad names fail before any build
+        names = list(args.scenarios)
+        if args.all:
+            from luoagent.workflows.lab.scenarios import discover
+
+            found = discover()[0]
+            extra = [n for n, i in found.items() if (args.slow or not i.slow) and n not in names]
+            # one VM per MEMORY size: keep equal sizes together (stable, so order is otherwise kept)
+            names += sorted(extra, key=lambda n: _memory_bytes(found[n].memory))
+        if not names:
+            raise UsageError("name at least one scenario, or --all (see `luoagent lab list`)")
+        resolve(names)  # bad names fail before any build
         lab = _lab(args, selftests=False)
-        result = lab.run(args.scenarios, debug=debug, timeout=args.timeout, progress=_progress(args),
+        result = lab.run(names, debug=debug, timeout=args.timeout, progress=_progress(args),
                          echo=_echo if args.console else None)
         return _report(args, result)
     if action == "selftests":
@@ -128,6 +140,14 @@ def run(args) -> int:
                                    echo=_echo if args.console else None)
         return _report(args, result)
     raise UsageError(f"unknown lab action {action!r}")
+
+
+def _memory_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().rstrip("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text) << 20 if text.isdigit() else 0
 
 
 def _echo(line: str) -> None:

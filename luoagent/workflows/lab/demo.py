@@ -20,6 +20,7 @@ _COUNTER = re.compile(r"guest (?P<vm>\S+): counter (?P<before>\d+) before update
 _REPORT = re.compile(r"guest (?P<vm>\S+): blackout (?P<blackout>[\d.]+) s \(stop -> running, across kexec\), "
                      r"vmstate (?P<vmstate>\d+) B of (?P<ram>\d+) MiB RAM, RAM bytes copied (?P<copied>-?\d+)")
 _PARTS = re.compile(r"restore: \[restore\] (?P<vm>\S+): running \(pid \d+\), blackout [\d.]+ s = (?P<parts>.*)")
+_KERNELS = re.compile(r"restore: \[restore\] manifest: .* written by kernel (?P<old>\S+), now on (?P<new>\S+)")
 _ROLLBACK = re.compile(r"(?P<case>fault after quiesce|reboot refused): luoagent update: error: (?P<msg>.*)")
 
 #: console lines worth showing live (the rest is kernel boot noise)
@@ -50,6 +51,8 @@ def summarize(diag_lines: list[str]) -> dict:
                 ram_bytes=int(m["ram"]) << 20, ram_bytes_copied=int(m["copied"]))
         elif m := _PARTS.search(line):
             story["vms"].setdefault(m["vm"], {})["blackout_parts"] = m["parts"]
+        elif m := _KERNELS.search(line):
+            story["kernel"] = {"from": m["old"], "to": m["new"]}
         elif m := _ROLLBACK.search(line):
             story["rollbacks"][m["case"]] = m["msg"]
     return story
@@ -57,6 +60,9 @@ def summarize(diag_lines: list[str]) -> dict:
 
 def render(story: dict, passed: bool, duration: float) -> str:
     out = ["", "=== luoagent live update demo: the lab's kernel was replaced under two running VMs ==="]
+    if "kernel" in story:
+        out.append(f"kernel {story['kernel']['from']} -> {story['kernel']['to']} by kexec (KHO + LUO), "
+                   "guest RAM kept in place in memfds")
     if story["phases"]:
         out.append("luoagent update, phase by phase (inside the lab VM, nested TCG):")
         for p in story["phases"]:

@@ -302,6 +302,12 @@ def main() -> None:
     os.environ["PYTHONPATH"] = str(RUN_DIR / "agent")
     os.environ["PATH"] = f"{RUN_DIR / 'bin'}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     try:
+        import socket
+
+        socket.sethostname("luoagent-lab")
+    except OSError:
+        pass
+    try:
         if json.loads(PARAMS.read_text()).get("shell"):
             shell()
             return
