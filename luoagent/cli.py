@@ -1,6 +1,7 @@
 """Command-line entry point: parses arguments, sets up logging, dispatches to a workflow.
 
-Workflows are imported lazily so ``luoagent --help`` works even when a heavy dependency is absent."""
+Each workflow module adds its own options (configure); one that fails to import only
+disables its subcommand, so ``luoagent --help`` keeps working."""
 
 from __future__ import annotations
 

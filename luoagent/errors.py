@@ -13,11 +13,11 @@ Every message says what happened and what to do; the CLI prints ``str(exc)`` and
      │    ├── SessionExists         EEXIST on create: name already used in this boot
      │    ├── SessionNotFound       ENOENT on retrieve: no such session came across kexec
      │    ├── SessionAlreadyRetrieved  EINVAL on retrieve: retrieved before in this boot
-     │    ├── SessionFinishFailed   FINISH refused (files still unretrieved, …)
+     │    ├── SessionFinishFailed   FINISH refused (files still unretrieved, …) or used on an outgoing session
      │    ├── TokenExists           EEXIST on preserve: token already used in the session
      │    ├── TokenNotFound         ENOENT on retrieve fd: no such token in the session
      │    ├── FileAlreadyPreserved  EBUSY on preserve: the same file is already preserved
-     │    ├── NotPreservable        ENOENT/EINVAL/EOPNOTSUPP on preserve: fd type unsupported
+     │    ├── NotPreservable        ENOENT/EINVAL/EOPNOTSUPP/EFBIG on preserve: fd type, seal or size unsupported
      │    └── LuoIoctlError         any other errno from an LUO ioctl
      ├── MemfdError                 memfd create/map/seal/hash failures
      ├── KexecError                 kexec_file_load / reboot failures

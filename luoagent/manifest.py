@@ -27,24 +27,28 @@ SESSION_NAME_MAX = 63
 #: a manifest bigger than this is not ours (protects restore from reading a huge foreign memfd)
 MANIFEST_MAX_BYTES = 4 << 20
 
-_VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # same rule as `luoagent vm`
+_VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def vm_session_name(vm_name: str) -> str:
-    """LUO session name for one VM; InvalidName if the VM name cannot form a valid session name."""
-    if not vm_name or not _VM_NAME_RE.match(vm_name):
+    """LUO session name for one VM; InvalidName (saying what to change) if the VM name cannot
+    form one. The single naming rule for `luoagent vm`, `update` and `restore`."""
+    room = SESSION_NAME_MAX - len(VM_SESSION_PREFIX.encode())
+    if not vm_name:
+        raise InvalidName("VM name is empty")
+    if "/" in vm_name or "\0" in vm_name:
+        raise InvalidName(f"VM name {vm_name!r} contains '/' or NUL; use letters, digits, '.', '_', '+', '-'")
+    if len(vm_name.encode()) > room:
         raise InvalidName(
-            f"VM name {vm_name!r} is not usable: use letters, digits, '.', '_', '+' and '-' "
-            "(starting with a letter or digit)"
+            f"VM name {vm_name!r} is {len(vm_name.encode())} bytes; at most {room} fit the LUO "
+            f"session name {VM_SESSION_PREFIX}<name> ({SESSION_NAME_MAX} bytes)"
         )
-    session = VM_SESSION_PREFIX + vm_name
-    if len(session.encode()) > SESSION_NAME_MAX:
-        room = SESSION_NAME_MAX - len(VM_SESSION_PREFIX)
+    if not _VM_NAME_RE.match(vm_name):
         raise InvalidName(
-            f"VM name {vm_name!r} is too long for an LUO session name "
-            f"({len(session.encode())} > {SESSION_NAME_MAX} bytes): use at most {room} characters"
+            f"VM name {vm_name!r} has unsupported characters; start with a letter or digit and use "
+            "only letters, digits, '.', '_', '+', '-'"
         )
-    return session
+    return VM_SESSION_PREFIX + vm_name
 
 
 def ram_token(index: int) -> int:

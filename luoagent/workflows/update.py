@@ -2,12 +2,14 @@
 vmstate + manifest with LUO, kexec into the new kernel — or roll back everything before that.
 
 State machine (DESIGN.md): PREFLIGHT → PRESERVE_RAM → QUIESCE → PRESERVE_VMSTATE → MANIFEST →
-REBOOT. Any failure before the reboot syscall succeeds resumes every VM this run stopped,
+REBOOT. Any failure before the reboot syscall succeeds resumes every VM this run stopped that
+was running before (a VM the user had paused stays paused),
 closes every outgoing session (which unpreserves its files) and unloads the kexec image.
 
 Test-only switches (environment; never set them in production):
   LUOAGENT_FAULT=STEP[,STEP]  inject a failure: after-preflight, after-preserve-ram,
-        after-quiesce, quiesce:VMNAME (that VM fails after it was stopped), after-manifest,
+        after-quiesce, quiesce:VMNAME (that VM fails after it was stopped; bare `quiesce`: every
+        VM), after-manifest,
         reboot (the kexec image is unloaded just before the reboot syscall, so the real
         syscall fails).
   LUOAGENT_TEST_SKIP=luo,kexec-load  skip the LUO steps / kexec_file_load — for hosts without

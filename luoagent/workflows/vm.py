@@ -15,22 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from luoagent import log
-from luoagent import memfd
+from luoagent import manifest, memfd
 from luoagent.adapters import qemu
-from luoagent.errors import InvalidName, QemuError, QmpUnreachable, UsageError, VmNotPreservable
+from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
 #: where VM state directories live unless --root / $LUOAGENT_VM_ROOT says otherwise
 DEFAULT_ROOT = Path("/run/luoagent/vms")
 ROOT_ENV = "LUOAGENT_VM_ROOT"
 RECORD_FILE = "vm.json"
 RECORD_SCHEMA = 1
-#: each VM gets one LUO session with this prefix; LUO names hold 63 bytes + NUL
-SESSION_PREFIX = "luoagent/vm/"
-SESSION_NAME_MAX = 63
 RAM_BACKEND_ID = "ram0"
 #: fdset used for RAM when the QEMU can open /dev/fdset/N as a memory backend
 RAM_FDSET = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 logger = log.get_logger(__name__)
 
@@ -62,26 +58,13 @@ class VmRecord:
 
 # --- names and places -----------------------------------------------------------------------
 def session_name(vm_name: str) -> str:
-    return SESSION_PREFIX + vm_name
+    """The VM's LUO session name (one rule for `vm`, `update` and `restore`: luoagent.manifest)."""
+    return manifest.vm_session_name(vm_name)
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it can name a VM (and its LUO session); InvalidName otherwise."""
-    limit = SESSION_NAME_MAX - len(SESSION_PREFIX.encode())
-    if not name:
-        raise InvalidName("VM name is empty")
-    if "/" in name or "\0" in name:
-        raise InvalidName(f"VM name {name!r} contains '/' or NUL; use letters, digits, '.', '_', '+', '-'")
-    if len(name.encode()) > limit:
-        raise InvalidName(
-            f"VM name {name!r} is {len(name.encode())} bytes; at most {limit} fit the LUO session "
-            f"name {SESSION_PREFIX}<name> (63 bytes)"
-        )
-    if not _NAME_RE.match(name):
-        raise InvalidName(
-            f"VM name {name!r} has unsupported characters; start with a letter or digit and use "
-            "only letters, digits, '.', '_', '+', '-'"
-        )
+    manifest.vm_session_name(name)
     return name
 
 

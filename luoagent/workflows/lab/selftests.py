@@ -126,7 +126,7 @@ def build_selftests(kernel: KernelBuild | Path | None = None, *, version: str = 
     if not (headers / "linux/liveupdate.h").is_file():
         raise LabBuildError(
             f"{headers}/linux/liveupdate.h missing: the kernel build's `make headers` did not run "
-            "or this kernel has no LUO uAPI; rebuild with `luoagent lab build --force`"
+            "or this kernel has no LUO uAPI; build the lab against a kernel >= 6.19 with LUO (`luoagent lab build --kernel-src DIR`)"
         )
     compiler = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = inputs_hash(RECIPE, kernel.identity, src, headers / "linux/liveupdate.h", compiler)
