@@ -101,6 +101,10 @@ def test_ktap_stream_parses_runner_output_between_kernel_lines():
     assert [(t.number, t.ok, t.skipped) for t in alpha.tests] == [(1, True, False), (2, False, False), (3, True, True)]
     assert alpha.test("second # thing").diag == ["why it failed"]
     assert beta.passed and beta.number == 2
+    alpha.tests[1].ok = True  # with the failure gone, the SKIP alone still keeps alpha from passing
+    alpha.ok = True
+    assert not alpha.passed and [t.number for t in alpha.failed_tests] == [3]
+    alpha.tests[1].ok, alpha.ok = False, False
     xml = to_junit(k.scenarios)
     assert xml.count("<testcase") == 4 and xml.count("<failure") == 1 and "<skipped/>" in xml
 

@@ -40,11 +40,12 @@ class ScenarioResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.ok) and all(t.ok for t in self.tests)
+        # A skipped check proved nothing, so it never counts as a pass.
+        return bool(self.ok) and all(t.ok and not t.skipped for t in self.tests)
 
     @property
     def failed_tests(self) -> list[TestResult]:
-        return [t for t in self.tests if not t.ok]
+        return [t for t in self.tests if not t.ok or t.skipped]
 
     def test(self, description: str) -> TestResult:
         """The result whose description is ``description`` (KeyError lists what there is)."""
