@@ -229,7 +229,7 @@ class Lab:
 
 
 def _resolve_kernel(kernel: Path | str | None, kernel_src: Path | str | None,
-                    progress: cache.Progress) -> Path:
+                    progress: cache.Progress, version: str = "7.2") -> Path:
     source = "--kernel"
     if kernel is None and kernel_src is None and os.environ.get(KERNEL_ENV):
         kernel, source = os.environ[KERNEL_ENV], f"${KERNEL_ENV}"
@@ -247,12 +247,13 @@ def _resolve_kernel(kernel: Path | str | None, kernel_src: Path | str | None,
         from luoagent.workflows.lab import kernel as kernel_mod
     except ImportError as exc:
         raise LabBuildError(f"cannot build the lab kernel ({exc}); pass --kernel BZIMAGE") from exc
-    return Path(kernel_mod.build_kernel(kernel_src=Path(kernel_src) if kernel_src else None,
+    return Path(kernel_mod.build_kernel(version=version, kernel_src=Path(kernel_src) if kernel_src else None,
                                         progress=progress))
 
 
 def build_lab(kernel: Path | str | None = None, kernel_src: Path | str | None = None,
-              progress: cache.Progress | None = None, selftests: bool = True) -> Lab:
+              progress: cache.Progress | None = None, selftests: bool = True,
+              kernel_version: str = "7.2") -> Lab:
     """Build or fetch from the cache everything the lab needs; with a warm cache this takes seconds."""
     progress = progress or cache.Progress(quiet=True)
     timings: dict[str, float] = {}
@@ -263,7 +264,7 @@ def build_lab(kernel: Path | str | None = None, kernel_src: Path | str | None = 
         timings[name] = time.monotonic() - t
         return value
 
-    bz = timed("kernel", _resolve_kernel, kernel, kernel_src, progress)
+    bz = timed("kernel", _resolve_kernel, kernel, kernel_src, progress, kernel_version)
     qemu = timed("rootfs_tree", host_qemu, progress)
     tree = rootfs.build_tree(progress)
     image = timed("rootfs_image", rootfs.build_image, tree, progress)

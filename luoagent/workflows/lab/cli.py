@@ -19,6 +19,8 @@ def _common(p: argparse.ArgumentParser, kernel: bool = True) -> None:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--kernel", metavar="BZIMAGE", help="use this LUO bzImage instead of building one")
         g.add_argument("--kernel-src", metavar="DIR", help="build the lab kernel from this source tree")
+        g.add_argument("--kernel-version", metavar="SERIES", choices=["7.2", "7.3"], default="7.2",
+                       help="Debian linux-source-SERIES to build the lab kernel from (default 7.2)")
     p.add_argument("--cache-dir", metavar="DIR", help="lab cache (default $LUOAGENT_CACHE or ~/.cache/luoagent)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
@@ -92,7 +94,8 @@ def _lab(args, selftests: bool = True):
     from luoagent.workflows.lab.build import build_lab
 
     return build_lab(kernel=getattr(args, "kernel", None), kernel_src=getattr(args, "kernel_src", None),
-                     progress=_progress(args), selftests=selftests)
+                     progress=_progress(args), selftests=selftests,
+                     kernel_version=getattr(args, "kernel_version", "7.2"))
 
 
 def run(args) -> int:
