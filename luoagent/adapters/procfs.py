@@ -49,3 +49,18 @@ def holders(path: str, proc: Path = Path("/proc")) -> list[Holder]:
             if fd_target(int(entry.name), int(fd), proc) == path:
                 found.append(Holder(int(entry.name), int(fd), cmdline(int(entry.name), proc)))
     return found
+
+
+def pid_alive(pid: int, proc: Path = Path("/proc")) -> bool:
+    """True if process ``pid`` exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists; it is just not ours to signal
+    try:
+        with open(proc / str(pid) / "stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

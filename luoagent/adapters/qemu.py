@@ -427,7 +427,7 @@ def probe_cpr(binary: str | os.PathLike, timeout: float = 30.0) -> CprProbe:
         try:
             return run_sync(_probe(proc, sock, version, timeout))
         except QmpUnreachable as exc:
-            raise QemuError(f"probe of {binary} failed: {exc}; log: {_tail(log)}") from exc
+            raise QemuError(f"probe of {binary} failed: {exc}; log: {log_tail(log)}") from exc
         finally:
             kill_process(proc)
 
@@ -474,7 +474,8 @@ async def _probe(proc: subprocess.Popen, sock: Path, version: str, timeout: floa
     return CprProbe(cpr_reboot, x_ignore_shared, fdset_mem_backend, version, details)
 
 
-def _tail(path: Path, limit: int = 600) -> str:
+def log_tail(path: Path, limit: int = 600) -> str:
+    """The last ``limit`` characters of a QEMU log, quoted, for error messages."""
     try:
         text = path.read_text(errors="replace").strip()
     except OSError:

@@ -17,6 +17,7 @@ from pathlib import Path
 from luoagent import log
 from luoagent import manifest, memfd
 from luoagent.adapters import qemu
+from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
 #: where VM state directories live unless --root / $LUOAGENT_VM_ROOT says otherwise
@@ -183,21 +184,6 @@ def is_vm_process(record: VmRecord) -> bool:
                for a, b in zip(args, args[1:]))
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 # --- start ------------------------------------------------------------------------------------
 def start_vm(
     name: str,
@@ -264,7 +250,7 @@ def start_vm(
             status, backends = qemu.run_sync(_check_started(proc, sock, timeout))
         except (QemuError, VmNotPreservable) as exc:
             qemu.kill_process(proc)
-            tail = _tail(qemu_log)
+            tail = qemu.log_tail(qemu_log)
             _remove_state(sdir)
             if sdir != link:
                 link.unlink(missing_ok=True)
@@ -318,14 +304,6 @@ async def _check_started(proc, sock: Path, timeout: float):
         status = await q.status()
         backends = await qemu.ram_backends(proc.pid, q)
         return status, backends
-
-
-def _tail(path: Path, limit: int = 600) -> str:
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return "(no log)"
-    return repr(text[-limit:]) if text else "(empty)"
 
 
 # --- list -----------------------------------------------------------------------------------

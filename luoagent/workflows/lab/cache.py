@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import LabBuildError
 
 #: environment variable that relocates the whole cache (the lab CLI's --cache-dir sets it)
@@ -190,18 +191,8 @@ def remove_stale_temps(kind_dir: Path) -> None:
         if not (entry.name.startswith(".tmp-") or entry.name.startswith(".old-")):
             continue
         pid_text = entry.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
