@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno as E
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -156,6 +158,21 @@ def test_holders_finds_this_process(tmp_path):
     finally:
         os.close(fd)
     assert any(h.pid == os.getpid() and h.fd == fd and "python" in h.cmdline for h in found)
+
+
+def test_argv_keeps_arguments_apart():
+    # '' and 'a b' are what joining with spaces would lose
+    args = [sys.executable, "-c", "import time; print(flush=True); time.sleep(30)", "", "a b"]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # its exec has finished: mid-exec the kernel shows no arguments yet
+        assert procfs.argv(proc.pid) == args
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    with pytest.raises(OSError):
+        procfs.argv(proc.pid)  # reaped: gone from /proc
 
 
 # --- kexec adapter (never reboots: only loads that must fail, and read-only queries) ----------

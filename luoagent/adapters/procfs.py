@@ -1,4 +1,4 @@
-"""/proc helpers: who holds a file open, what an fd points at, a process's command line.
+"""/proc helpers: who holds a file open, what an fd points at, a process's command line / argv.
 
 Pure reads of procfs; callers turn the answers into messages."""
 
@@ -25,6 +25,14 @@ def cmdline(pid: int, proc: Path = Path("/proc")) -> str:
     except OSError:
         return ""
     return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+
+
+def argv(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """The argument vector of ``pid`` (arguments kept apart); OSError once it has exited."""
+    parts = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    if parts[-1] == b"":
+        parts.pop()  # the NUL that ends the last argument
+    return [part.decode(errors="surrogateescape") for part in parts]
 
 
 def fd_target(pid: int, fd: int, proc: Path = Path("/proc")) -> str | None:

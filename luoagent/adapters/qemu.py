@@ -217,7 +217,8 @@ class Qmp:
             await self.execute("quit", timeout=timeout)
 
     # -- cpr-reboot ----------------------------------------------------------------------
-    async def _set_cpr_reboot(self, timeout: float) -> None:
+    async def set_cpr_reboot(self, timeout: float = 30.0) -> None:
+        """Select migration mode cpr-reboot with x-ignore-shared (harmless to a running guest)."""
         await self.execute("migrate-set-parameters", {"mode": "cpr-reboot"}, timeout=timeout)
         await self.execute(
             "migrate-set-capabilities",
@@ -225,12 +226,15 @@ class Qmp:
             timeout=timeout,
         )
 
-    async def cpr_reboot_save(self, uri: str, timeout: float = 60.0) -> dict:
+    async def cpr_reboot_save(self, uri: str, timeout: float = 60.0, *, configured: bool = False) -> dict:
         """Checkpoint with mode cpr-reboot + x-ignore-shared to ``uri``; wait until completed.
 
-        Returns the final query-migrate answer; MigrationFailed with QEMU's error-desc."""
+        ``configured``: the caller already ran set_cpr_reboot (before stopping the guest, so
+        the blackout does not pay for it). Returns the final query-migrate answer;
+        MigrationFailed with QEMU's error-desc."""
         started = time.monotonic()
-        await self._set_cpr_reboot(timeout)
+        if not configured:
+            await self.set_cpr_reboot(timeout)
         await self._start_migration("migrate", uri, "save", timeout)
         info = await self._wait_migration(uri, "save", started + timeout)
         info["luoagent-elapsed-s"] = time.monotonic() - started
@@ -239,7 +243,7 @@ class Qmp:
     async def cpr_reboot_load(self, uri: str, timeout: float = 60.0) -> dict:
         """Load a cpr-reboot checkpoint into a QEMU started with ``-incoming defer``."""
         started = time.monotonic()
-        await self._set_cpr_reboot(timeout)
+        await self.set_cpr_reboot(timeout)
         await self._start_migration("migrate-incoming", uri, "load", timeout)
         info = await self._wait_migration(uri, "load", started + timeout)
         info["luoagent-elapsed-s"] = time.monotonic() - started

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luoagent import manifest as mf
+from luoagent import memfd
+from luoagent.adapters import qemu as qa
 from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
@@ -29,10 +31,12 @@ from luoagent.errors import (
     TokenNotFound,
 )
 from luoagent.log import get_logger
+from luoagent.luo import LiveUpdate
+from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
 
-DEFAULT_STATE_DIR = Path("/run/luoagent/vms")
+DEFAULT_STATE_DIR = vmwf.DEFAULT_ROOT
 #: on disk, not tmpfs: a rescue image must survive this boot too
 DEFAULT_RESCUE_DIR = Path("/var/lib/luoagent/rescue")
 FAULT_ENV = "LUOAGENT_FAULT"  # test only: restore-vm:NAME makes that VM's restore fail
@@ -60,7 +64,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     opts = RestoreOptions(
         qemu=args.qemu,
-        state_dir=_vm_root(args.state_dir),
+        state_dir=vmwf.vm_root(args.state_dir),  # same rule as `luoagent vm`
         rescue_dir=Path(args.rescue_dir),
         timeout=args.timeout,
     )
@@ -73,12 +77,6 @@ def run(args) -> int:
     else:
         print_summary(result)
     return 0 if result["ok"] else 1
-
-
-def _vm_root(explicit: str | None) -> Path:
-    from luoagent.workflows import vm as vmwf
-
-    return vmwf.vm_root(explicit)
 
 
 @dataclass
@@ -257,8 +255,6 @@ def _has_qmp_on(argv: list[str], qmp_socket: str) -> bool:
 
 
 def _binary(vm: mf.VmRecord, opts: RestoreOptions) -> str:
-    from luoagent.adapters import qemu as qa
-
     if opts.qemu or os.environ.get(qa.QEMU_ENV):
         return str(qa.find_qemu(opts.qemu))
     if vm.binary and os.access(vm.binary, os.X_OK) and not Path(vm.binary).name.startswith("ld-"):
@@ -278,9 +274,6 @@ async def start_incoming(
     out: VmOutcome,
 ) -> None:
     """Start QEMU on the given RAM, load the vmstate, resume; fills ``out``."""
-    from luoagent import memfd
-    from luoagent.adapters import qemu as qa
-
     t_start = time.time_ns()
     binary = _binary(vm, opts)
     argv = restore_argv(vm.argv, mem_paths)
@@ -335,8 +328,6 @@ async def start_incoming(
 
 def register_vm(state_dir: Path, vm: mf.VmRecord, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
     """Record the restored VM in the `luoagent vm` state dir so `luoagent vm list` shows it."""
-    from luoagent.workflows import vm as vmwf
-
     vmwf.register_restored(
         name=vm.name,
         pid=pid,
@@ -393,8 +384,6 @@ def write_rescue(vm: mf.VmRecord, ram_fds: list[int], vmstate_fd: int, rescue_ro
 
 
 def _copy_fd(src: int, path: Path, size: int) -> None:
-    from luoagent import memfd
-
     with open(path, "wb") as f:
         os.ftruncate(f.fileno(), size)
         # only data extents: guest RAM is mostly holes/zero pages, and the file stays sparse
@@ -439,8 +428,6 @@ def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
 # ---------------------------------------------------------------------------------------
 def restore(opts: RestoreOptions | None = None) -> dict:
     opts = opts or RestoreOptions()
-    from luoagent.luo import LiveUpdate
-
     t0 = time.monotonic()
     lu = LiveUpdate.open()
     try:
@@ -482,14 +469,13 @@ async def _restore_one(lu, vm: mf.VmRecord, opts: RestoreOptions) -> VmOutcome:
         for r in vm.ram:
             fd = session.retrieve(r.token)
             ram_fds.append(fd)
-            size = os.fstat(fd).st_size
+            size = memfd.size(fd)
             if size != r.size:
                 raise RestoreError(f"RAM backend {r.id}: retrieved memfd is {size} bytes, manifest says {r.size}")
         vmstate_fd = session.retrieve(vm.vmstate.token)
-        if os.fstat(vmstate_fd).st_size != vm.vmstate.size:
-            raise RestoreError(
-                f"vmstate memfd is {os.fstat(vmstate_fd).st_size} bytes, manifest says {vm.vmstate.size}"
-            )
+        size = memfd.size(vmstate_fd)
+        if size != vm.vmstate.size:
+            raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
         mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
         await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, opts, out)
         _say(opts, f"{vm.name}: {out.status} (pid {out.pid}), blackout {out.blackout_ns / 1e9:.3f} s = "

@@ -32,8 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luoagent import __version__
+from luoagent import __version__, memfd
 from luoagent import manifest as mf
+from luoagent.adapters import kexec, procfs
+from luoagent.adapters import qemu as qa
 from luoagent.errors import (
     KexecImageError,
     LuoAgentError,
@@ -44,13 +46,16 @@ from luoagent.errors import (
     VmNotPreservable,
 )
 from luoagent.log import get_logger
+from luoagent.luo import LiveUpdate
+from luoagent.workflows import doctor
+from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
 
 FAULT_ENV = "LUOAGENT_FAULT"
 SKIP_ENV = "LUOAGENT_TEST_SKIP"
 #: where `luoagent vm` keeps one directory per VM (owner: workflows.vm)
-DEFAULT_STATE_DIR = Path("/run/luoagent/vms")
+DEFAULT_STATE_DIR = vmwf.DEFAULT_ROOT
 #: fdset ids we use for vmstate; high so they do not collide with a user's -add-fd sets
 VMSTATE_FDSET_BASE = 0x4C55
 
@@ -88,13 +93,6 @@ def configure(parser) -> None:
     )
 
 
-def vm_root(explicit: str | None) -> Path:
-    """The `luoagent vm` state root (same rule as that workflow: flag, $LUOAGENT_VM_ROOT, default)."""
-    from luoagent.workflows import vm as vmwf
-
-    return vmwf.vm_root(explicit)
-
-
 def run(args) -> int:
     cmdline = args.append
     req = UpdateRequest(
@@ -102,7 +100,7 @@ def run(args) -> int:
         initrd=Path(args.initrd) if args.initrd else None,
         cmdline=cmdline,
         vms=list(args.vm or []),
-        state_dir=vm_root(args.state_dir),
+        state_dir=vmwf.vm_root(args.state_dir),  # same rule as `luoagent vm`
         dry_run=args.dry_run,
         timeout=args.timeout,
         json=args.json,
@@ -252,8 +250,6 @@ def discover(names: list[str], state_dir: Path) -> list[VmTarget]:
 
 def _from_state_dir(name: str, state_dir: Path) -> VmTarget:
     """A VM `luoagent vm start` (or an earlier restore) recorded in ``state_dir/NAME/vm.json``."""
-    from luoagent.workflows import vm as vmwf
-
     vm_dir = state_dir / name
     if not (vm_dir / vmwf.RECORD_FILE).is_file():
         raise UsageError(
@@ -294,10 +290,9 @@ def qemu_cmdline(pid: int) -> tuple[str, list[str]]:
     A QEMU run through the dynamic loader (the lab's host wrapper) shows ld.so first; the
     binary is then the first argument naming qemu-system-*."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        parts = procfs.argv(pid)
     except OSError as exc:
         raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc.strerror}") from None
-    parts = [p.decode(errors="surrogateescape") for p in raw.split(b"\0")[:-1]]
     for i, p in enumerate(parts):
         if re.search(r"qemu-system-[\w]+$", p):
             return p, parts[i + 1 :]
@@ -385,8 +380,6 @@ class _Update:
             targets = discover(self.req.vms, self.req.state_dir)
             self.work = [VmWork(target=t, session_name=mf.vm_session_name(t.name)) for t in targets]
             if "luo" not in self.skip:
-                from luoagent.luo import LiveUpdate
-
                 self.lu = LiveUpdate.open()  # LuoUnavailable / LuoBusy say why not
             # every VM: QMP reachable, RAM preservable; collected so the user sees them all
             results = await asyncio.gather(*(self._inspect(w) for w in self.work), return_exceptions=True)
@@ -400,10 +393,8 @@ class _Update:
                     step="preflight",
                 )
                 raise err
-            self.cmdline = self._cmdline()
+            self.cmdline = self.req.cmdline if self.req.cmdline is not None else kexec.current_cmdline()
             if "kexec-load" not in self.skip:
-                from luoagent.adapters import kexec
-
                 kexec.load(self.req.kernel, self.req.initrd, self.cmdline)
                 self.kexec_loaded = True
             for w in self.work:
@@ -418,8 +409,6 @@ class _Update:
         per running VM instead (its own binary), so the doctor's QEMU probe is skipped."""
         if "luo" in self.skip:
             return  # test mode on a host without LUO: those checks cannot pass here
-        from luoagent.workflows import doctor
-
         failed = [c for c in doctor.gather(with_qemu=False) if not c.ok]
         if failed:
             raise UpdateError(
@@ -428,19 +417,7 @@ class _Update:
                 step="preflight",
             )
 
-    def _cmdline(self) -> str:
-        if self.req.cmdline is not None:
-            return self.req.cmdline
-        try:
-            from luoagent.adapters import kexec
-
-            return kexec.current_cmdline()
-        except ImportError:
-            return Path("/proc/cmdline").read_text().strip()
-
     async def _inspect(self, w: VmWork) -> None:
-        from luoagent.adapters import qemu as qa
-
         t = w.target
         try:
             if not t.qmp_socket.exists():
@@ -472,8 +449,6 @@ class _Update:
 
     # -- PRESERVE_RAM (VMs still running) ------------------------------------------------
     async def _preserve_ram(self) -> None:
-        from luoagent.adapters import qemu as qa
-
         self.step = "preserve-ram"
         with self.phases.phase("preserve-ram", "(VMs keep running; pages are pinned now)"):
             for w in self.work:
@@ -509,8 +484,6 @@ class _Update:
                 )
 
     async def _quiesce(self, w: VmWork) -> None:
-        from luoagent import memfd
-
         q = w.qmp
         try:
             w.vmstate_fd = memfd.create(f"luoagent-vmstate-{w.name}")
@@ -524,19 +497,16 @@ class _Update:
             w.was_running = (await q.status()) == "running"
             # mode + capability before stop: they do not disturb a running guest, and the
             # blackout then holds only stop + save
-            await q.execute("migrate-set-parameters", {"mode": "cpr-reboot"}, timeout=self.req.timeout)
-            await q.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-                timeout=self.req.timeout,
-            )
+            await q.set_cpr_reboot(timeout=self.req.timeout)
             w.migrate_configured = True
             t0 = time.monotonic()
             w.stopped_at_ns = time.time_ns()
             w.stop_issued = True
             await q.stop()
             _fault("quiesce", w.name)
-            info = await q.cpr_reboot_save(f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout)
+            info = await q.cpr_reboot_save(
+                f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout, configured=True
+            )
             w.saved_at_ns = time.time_ns()
             w.quiesce_s = time.monotonic() - t0
             w.migrate_info = info
@@ -606,14 +576,12 @@ class _Update:
 
     # -- REBOOT --------------------------------------------------------------------------
     def _reboot(self) -> None:
-        from luoagent.adapters import kexec
-
         self.step = "reboot"
         if "reboot" in _env_list(FAULT_ENV) and self.kexec_loaded:
             # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
             kexec.unload()
             self.kexec_loaded = False
-        if not self.kexec_loaded and _kexec_image_loaded():
+        if not self.kexec_loaded and kexec.loaded():
             raise UpdateError(
                 "a kexec image is loaded that this run did not load (test mode); refusing to reboot",
                 step="reboot",
@@ -662,8 +630,6 @@ class _Update:
                 self.lu = None
             if self.kexec_loaded:
                 try:
-                    from luoagent.adapters import kexec
-
                     kexec.unload()
                     self.kexec_loaded = False
                 except Exception as exc:
@@ -748,13 +714,6 @@ async def _ramblocks(q) -> dict[str, int]:
         if len(parts) >= 5 and parts[3].startswith("0x") and parts[4].startswith("0x"):
             blocks[parts[0]] = int(parts[4], 16)
     return blocks
-
-
-def _kexec_image_loaded() -> bool:
-    try:
-        return Path("/sys/kernel/kexec_loaded").read_text().strip() == "1"
-    except OSError:
-        return False  # no kexec support in this kernel at all
 
 
 def check_kernel_image(kernel: Path, initrd: Path | None) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from luoagent import log
 from luoagent import manifest, memfd
 from luoagent.adapters import qemu
+from luoagent.adapters import procfs
 from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
@@ -175,7 +176,7 @@ def is_vm_process(record: VmRecord) -> bool:
     if not pid_alive(record.pid):
         return False
     try:
-        args = Path(f"/proc/{record.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        args = procfs.argv(record.pid)
     except OSError:
         return False
     if record.qmp_socket and any(record.qmp_socket in a for a in args):
