@@ -320,6 +320,26 @@ def test_private_apt_drops_lists_when_sources_change(tmp_cache):
     assert not stale.exists()
 
 
+
+def test_print_uris_remembers_answers_until_the_lists_change(tmp_cache, monkeypatch):
+    ctx = debian.private_apt(mirror_uri="http://m.example/debian")
+    lists = ctx.lists_dir / "m.example_debian_dists_sid_main_binary-amd64_Packages"
+    lists.write_text("v1")
+    calls = []
+
+    def fake_run(tool, *args, cwd=None, check=True):
+        calls.append(args)
+        out = f"'http://m.example/p/x_{len(calls)}_all.deb' x_{len(calls)}_all.deb 42 SHA256:00\n"
+        return subprocess.CompletedProcess([tool, *args], 0, out, "")
+
+    monkeypatch.setattr(ctx, "run", fake_run)
+    want = [("http://m.example/p/x_1_all.deb", "x_1_all.deb", 42)]
+    assert ctx.print_uris(["x"]) == want
+    assert ctx.print_uris(["x"]) == want and len(calls) == 1
+    lists.write_text("v2, after an apt-get update")
+    assert ctx.print_uris(["x"])[0][1] == "x_2_all.deb"
+    assert len(calls) == 2
+
 # --- bzImage and selftests -------------------------------------------------------------------------
 def test_validate_bzimage(tmp_path):
     good = tmp_path / "bzImage"

@@ -616,46 +616,48 @@ def _reset_memory_reader(process: PtraceProcess) -> None:
     process.__dict__.pop("readBytes", None)
 
 
-def _proc_state(pid: int) -> str:
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/PID/stat after the ")" that ends the command name: [state, ppid, ...] ([] if gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()
+        return stat[stat.rindex(b")") + 2:].split()
     except (OSError, ValueError):
-        return ""
+        return []
+
+
+def _proc_state(pid: int) -> str:
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else ""
 
 
 def _is_kernel_thread(pid: int) -> bool:
     # PF_KTHREAD (include/linux/sched.h) in the flags field of /proc/PID/stat
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        flags = int(stat[stat.rindex(b")") + 2:].split()[6])
-    except (OSError, ValueError, IndexError):
+        flags = int(_stat_fields(pid)[6])
+    except (ValueError, IndexError):
         return False
     return bool(flags & 0x00200000)
 
 
-def _tracer_pid(pid: int) -> int:
+def _status_number(pid: int, field: str, default: int) -> int:
+    """The number after ``field:`` in /proc/PID/status, ``default`` if the process or line is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("TracerPid:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return default
+
+
+def _tracer_pid(pid: int) -> int:
+    return _status_number(pid, "TracerPid", 0)
 
 
 def _tgid(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return tid
+    return _status_number(tid, "Tgid", tid)
 
 
 def _tgkill(tgid: int, tid: int, sig: int) -> None:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import LabBootError, ScenarioFailed, UsageError
 from luoagent.workflows.lab import cache, rootfs
 from luoagent.workflows.lab.ktap import KtapStream, ScenarioResult, TestResult, to_junit
@@ -180,16 +181,9 @@ def new_run_dir() -> Path:
 
 
 def _owner_alive(run_name: str) -> bool:
+    """Is the lab run that made directory ``run_name`` (…-PID[+n]) still running?"""
     pid = run_name.split("+")[0].rsplit("-", 1)[-1]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def make_run_disk(run_dir: Path, *, kernel: Path, shim: Path, items: list[RunItem], debug: dict,

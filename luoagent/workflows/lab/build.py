@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luoagent.errors import LabBuildError, LuoAgentError, UsageError
-from luoagent.workflows.lab import boot, cache, rootfs
+from luoagent.workflows.lab import boot, cache, guest, rootfs
+from luoagent.workflows.lab import kernel as kernel_mod
+from luoagent.workflows.lab import selftests as st
 from luoagent.workflows.lab.scenarios import resolve
 
 #: a bzImage to use instead of building one (tests and bring-up); --kernel wins over it
@@ -94,8 +96,6 @@ class Lab:
         if self.selftests is None:
             raise LabBuildError(f"no kernel selftests for {self.kernel}: they are built from the source of a "
                                 "kernel that `luoagent lab build` made (a foreign --kernel has none)")
-        from luoagent.workflows.lab import selftests as st
-
         specs = st.load_specs(self.selftests)
         known = {s["name"]: s for s in specs}
         wanted = names or [s["name"] for s in specs]
@@ -198,11 +198,6 @@ class Lab:
         env = os.environ.get(f"{KERNEL_ENV}_{series.replace('.', '_')}")
         if env:
             return _resolve_kernel(env, None, progress)
-        try:
-            from luoagent.workflows.lab import kernel as kernel_mod
-        except ImportError as exc:
-            raise LabBuildError(f"a scenario needs a {series} kernel and kernel.py is unavailable ({exc}); "
-                                f"set {KERNEL_ENV}_{series.replace('.', '_')}=BZIMAGE") from exc
         return Path(kernel_mod.build_kernel(version=series, progress=progress))
 
     def _extras(self, group: list[boot.RunItem]) -> dict[str, Path]:
@@ -243,10 +238,6 @@ def _resolve_kernel(kernel: Path | str | None, kernel_src: Path | str | None,
         except LuoAgentError as exc:
             raise UsageError(f"lab kernel from {source}: {exc}; give arch/x86/boot/bzImage") from exc
         return path.resolve()
-    try:
-        from luoagent.workflows.lab import kernel as kernel_mod
-    except ImportError as exc:
-        raise LabBuildError(f"cannot build the lab kernel ({exc}); pass --kernel BZIMAGE") from exc
     return Path(kernel_mod.build_kernel(version=version, kernel_src=Path(kernel_src) if kernel_src else None,
                                         progress=progress))
 
@@ -286,15 +277,9 @@ def _kernel_headers(bz: Path) -> Path | None:
         return None
 
 
-def _build_guest(progress: cache.Progress) -> Path | None:
-    try:
-        from luoagent.workflows.lab import guest
-    except ImportError:
-        return None
-    if not hasattr(guest, "build_guest"):
-        return None
-    src = getattr(guest, "GUEST_SOURCE_DIR", None)
-    art = cache.Artifact("guest", cache.inputs_hash(Path(guest.__file__), src if src and Path(src).exists() else None))
+def _build_guest(progress: cache.Progress) -> Path:
+    src = guest.GUEST_SOURCE_DIR
+    art = cache.Artifact("guest", cache.inputs_hash(Path(guest.__file__), src if src.exists() else None))
     with art.lock():
         if art.exists():
             found = [p for p in art.path.iterdir() if p.is_file() and not p.name.endswith(".log")]
@@ -309,10 +294,6 @@ def _build_guest(progress: cache.Progress) -> Path | None:
 
 def _build_selftests(bz: Path, progress: cache.Progress) -> Path | None:
     """Kernel selftests need the kernel's build record (build.json); a foreign --kernel has none."""
-    try:
-        from luoagent.workflows.lab import selftests as st
-    except ImportError:
-        return None
     if not (bz.parent / "build.json").exists():
         progress.log(f"kernel selftests skipped for this lab: {bz} was not built by `luoagent lab build` "
                      "(no build.json beside it)")

@@ -5,13 +5,12 @@ Parses arguments, calls build.py/boot.py, prints human text or ``--json``; exit 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
 from luoagent.errors import UsageError
-from luoagent.workflows.lab import cache
+from luoagent.workflows.lab import cache, demo
 
 
 def _common(p: argparse.ArgumentParser, kernel: bool = True) -> None:
@@ -60,12 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("demo", help="live-update the lab kernel under a running VM (end-to-end demo)")
     _common(p)
-    try:
-        demo = importlib.import_module("luoagent.workflows.lab.demo")
-    except ImportError:
-        demo = None
-    if demo is not None and hasattr(demo, "configure"):
-        demo.configure(p)
+    demo.configure(p)
 
 
 def parse_debug(items: list[str]) -> dict:
@@ -199,14 +193,4 @@ def _list(args) -> int:
 
 
 def _demo(args) -> int:
-    try:
-        demo = importlib.import_module("luoagent.workflows.lab.demo")
-    except ImportError as exc:
-        if exc.name != "luoagent.workflows.lab.demo":
-            raise
-        msg = "demo not available yet: luoagent.workflows.lab.demo is not part of this version"
-        if args.json:
-            print(json.dumps({"ok": False, "error": "DemoUnavailable", "message": msg}))
-        print(f"luoagent lab demo: {msg}", file=sys.stderr)
-        return 1
     return int(demo.run(args) or 0)

@@ -4,6 +4,7 @@ The mirror comes from the machine's own apt sources; lists, package cache and .d
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -175,8 +176,15 @@ class AptContext:
         return m.group(1)
 
     def print_uris(self, names: list[str]) -> list[tuple[str, str, int]]:
-        """(uri, filename, size) for each package spec (``name``, ``name=ver``, ``name/suite``)."""
+        """(uri, filename, size) for each package spec (``name``, ``name=ver``, ``name/suite``).
+
+        Answers are remembered in ``root/print-uris.json`` for as long as apt's inputs (see
+        _apt_inputs) stay the same: a warm lab build then skips a second of apt-get per call."""
         self.update()
+        query = " ".join(names)
+        remembered = self._remembered_uris().get(query)
+        if remembered is not None:
+            return [(uri, fn, int(size)) for uri, fn, size in remembered]
         proc = self.run("apt-get", "download", "--print-uris", *names, check=False)
         if proc.returncode != 0 and not self._updated:
             self.update(force=True)  # lists may be stale (the archive moved on)
@@ -191,7 +199,43 @@ class AptContext:
             m = re.match(r"'([^']+)'\s+(\S+)\s+(\d+)", line)
             if m:
                 out.append((m.group(1), m.group(2), int(m.group(3))))
+        self._remember_uris(query, out)
         return out
+
+    @property
+    def _uris_file(self) -> Path:
+        return self.root / "print-uris.json"
+
+    def _apt_inputs(self) -> str:
+        """What apt's resolution of a package name depends on: the private sources and lists,
+        and the system's apt configuration, pinning and dpkg status (read, not redirected).
+        Any change to one of them (an ``apt-get update`` rewrites the lists) forgets every answer."""
+        files = sorted(self.lists_dir.glob("*_dists_*"))
+        for pattern in ("apt.conf", "apt.conf.d/*", "preferences", "preferences.d/*"):
+            files += sorted(Path("/etc/apt").glob(pattern))
+        files.append(Path("/var/lib/dpkg/status"))
+        parts = [self.sources_text()]
+        for f in files:
+            try:
+                st = f.stat()
+                parts.append(f"{f} {st.st_size} {st.st_mtime_ns}")
+            except OSError:
+                parts.append(f"{f} -")
+        return "\n".join(parts)
+
+    def _remembered_uris(self) -> dict:
+        try:
+            saved = json.loads(self._uris_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict) or saved.get("inputs") != self._apt_inputs():
+            return {}
+        return saved.get("answers") or {}
+
+    def _remember_uris(self, query: str, answer: list[tuple[str, str, int]]) -> None:
+        answers = self._remembered_uris()
+        answers[query] = answer
+        atomic_write(self._uris_file, json.dumps({"inputs": self._apt_inputs(), "answers": answers}))
 
     def download(self, names: list[str], dest: Path) -> list[Path]:
         """Download ``names`` into ``dest``, reusing complete .debs already there; the result

@@ -96,7 +96,8 @@ def run(args) -> int:
     started = time.monotonic()
     say("luoagent lab demo: building the lab if needed (LUO kernel, Debian rootfs with QEMU 11.1, guest)")
     lab = build_lab(kernel=getattr(args, "kernel", None), kernel_src=getattr(args, "kernel_src", None),
-                    progress=cache.Progress("lab"), selftests=False)
+                    progress=cache.Progress("lab"), selftests=False,
+                    kernel_version=getattr(args, "kernel_version", "7.2"))
     say(f"lab ready in {time.monotonic() - started:.0f} s: kernel {lab.kernel}")
     say("booting the lab VM: start guests a (luoagent vm start) and b (plain QEMU, adopted), "
         "live-update the kernel under them, restore, then try two rollbacks")

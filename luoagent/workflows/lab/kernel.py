@@ -26,6 +26,7 @@ from luoagent.workflows.lab.cache import (
     cache_dir,
     free_bytes,
     inputs_hash,
+    require_space,
 )
 
 _log = log.get_logger(__name__)
@@ -38,6 +39,7 @@ BASE = ("tinyconfig", "kernel/configs/kvm_guest.config")
 RECIPE = "kernel-recipe-1"
 #: whole lab (source, build tree, rootfs, images) — what the lab README asks for
 LAB_DISK_WANTED = 6 * 10**9
+_WHOLE_LAB = f"(the whole lab wants ~{LAB_DISK_WANTED / 1e9:.0f} GB)"
 #: extracted source 1.8 GB + compressed .deb; build tree of the trimmed config ~0.2 GB (+margin)
 _SRC_BYTES = int(2.1 * 10**9)
 _BUILD_BYTES = int(0.6 * 10**9)
@@ -230,9 +232,7 @@ def debian_source(version: str, progress: Progress) -> KernelSource:
     art = Artifact("src", key)
     with art.lock():
         if not art.exists():
-            need = _SRC_BYTES
-            if free_bytes(art.kind_dir) < need:
-                _short(art.kind_dir, need, f"extracting {package}")
+            require_space(art.kind_dir, _SRC_BYTES, f"extracting {package} {_WHOLE_LAB}")
             progress.phase(f"extract {package}", note="(~1.8 GB)")
             with art.build() as tmp:
                 _extract_source_deb(deb, tmp)
@@ -308,7 +308,8 @@ def kernel_info(bzimage: Path) -> KernelBuild:
     return KernelBuild(**data)
 
 
-def _compiler_identity() -> str:
+def compiler_identity() -> str:
+    """First line of `gcc --version`: part of every lab build's cache key (kernel, selftests)."""
     try:
         out = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
     except OSError:
@@ -330,22 +331,13 @@ def _check_tools() -> None:
         )
 
 
-def _short(where: Path, need: int, what: str) -> None:
-    have = free_bytes(where)
-    raise LabBuildError(
-        f"not enough disk space for {what}: {have / 1e9:.1f} GB free under {where}, "
-        f"~{need / 1e9:.1f} GB needed (the whole lab wants ~{LAB_DISK_WANTED / 1e9:.0f} GB); free "
-        "some space or point --cache-dir / $LUOAGENT_CACHE at a larger filesystem"
-    )
-
-
 def kernel_key(source: KernelSource, fragments: list[Path]) -> str:
     """Cache key of a kernel build: recipe, base, source identity, the options each fragment
     sets (comments do not count, so rewording a why-comment does not rebuild), compiler."""
     options = [
         "\n".join(f"{name}={value}" for name, value in parse_fragment(Path(f)).items()) for f in fragments
     ]
-    return inputs_hash(RECIPE, *BASE, source.identity, *options, _compiler_identity())
+    return inputs_hash(RECIPE, *BASE, source.identity, *options, compiler_identity())
 
 
 def _make(source: KernelSource, build_dir: Path, *args: str, env: dict | None = None,
@@ -449,8 +441,8 @@ def build_kernel_info(version: str = "7.2", kernel_src: Path | None = None, prog
         if art.exists() and not force and not source.local:  # another process built it meanwhile
             progress.done(f"kernel cached: {art / 'bzImage'}")
             return kernel_info(art / "bzImage")
-        if not build_dir.exists() and free_bytes(cache) < _BUILD_BYTES:
-            _short(cache, _BUILD_BYTES, "the kernel build tree")
+        if not build_dir.exists():
+            require_space(cache, _BUILD_BYTES, f"the kernel build tree {_WHOLE_LAB}")
         build_dir.mkdir(parents=True, exist_ok=True)
         stats_path = build_dir / "luoagent-stats.json"
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from luoagent.errors import LabBuildError
-from luoagent.workflows.lab import cache
+from luoagent.workflows.lab import cache, debian
 
 SUITE = "trixie"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # .../luoagent
@@ -57,23 +57,6 @@ def tree_key() -> str:
         RECIPE_DIR / "rootfs-packages.txt", RECIPE_DIR / "rootfs-apt.txt",
         RECIPE_DIR / "rootfs-backports.txt",
         RECIPE_DIR / "rootfs-wheels.txt",
-    )
-
-
-def _mirror() -> str:
-    try:
-        from luoagent.workflows.lab import debian
-    except ImportError:
-        debian = None
-    if debian is not None and hasattr(debian, "mirror"):
-        return debian.mirror()
-    src = Path("/etc/apt/sources.list.d/debian.sources")
-    if src.is_file():
-        for line in src.read_text().splitlines():
-            if line.startswith("URIs:"):
-                return line.split()[1]
-    raise LabBuildError(
-        "cannot find a Debian mirror: no URIs: line in /etc/apt/sources.list.d/debian.sources"
     )
 
 
@@ -128,7 +111,7 @@ def build_tree(progress: cache.Progress | None = None) -> Path:
         if (art.path / "tree" / "usr/bin/qemu-system-x86_64").exists():
             return art.path / "tree"
         cache.require_space(art.kind_dir, 2_000_000_000, "the lab rootfs tree")
-        mirror = _mirror()
+        mirror = debian.mirror()
         with art.build(replace=True) as tmp:
             tree = tmp / "tree"
             log = tmp / "build.log"

@@ -237,21 +237,13 @@ class Runner:
         self.save()
         emit(f"# lab-kexec: hop={self.hop} -> {self.hop + 1} kernel={kernel}")
         os.sync()
-        try:
-            from luoagent.adapters import kexec as kexec_adapter
-        except ImportError:
-            kexec_adapter = None
-        if kexec_adapter is not None and hasattr(kexec_adapter, "load"):
-            emit(f"# lab-kexec-via: luoagent.adapters.kexec (kexec_file_load) {kernel}")
-            t0 = time.monotonic()
-            kexec_adapter.load(Path(kernel), None, cmdline)
-            emit(f"# lab-kexec-loaded: seconds={time.monotonic() - t0:.2f}")
-            kexec_adapter.reboot_kexec()
-        else:
-            emit(f"# lab-kexec-via: kexec-tools (kexec -s -l) {kernel}")
-            subprocess.run(["kexec", "-s", "-l", kernel, "--reuse-cmdline"], check=True)
-            os.sync()
-            subprocess.run(["kexec", "-e"], check=True)
+        from luoagent.adapters import kexec as kexec_adapter
+
+        emit(f"# lab-kexec-via: luoagent.adapters.kexec (kexec_file_load) {kernel}")
+        t0 = time.monotonic()
+        kexec_adapter.load(Path(kernel), None, cmdline)
+        emit(f"# lab-kexec-loaded: seconds={time.monotonic() - t0:.2f}")
+        kexec_adapter.reboot_kexec()
         raise RuntimeError(f"kexec returned (still holding {len(keep)} kept objects)")
 
 

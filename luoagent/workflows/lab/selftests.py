@@ -36,7 +36,7 @@ from pathlib import Path
 from luoagent import log
 from luoagent.errors import LabBuildError
 from luoagent.workflows.lab.cache import Artifact, Progress, inputs_hash
-from luoagent.workflows.lab.kernel import KernelBuild, build_kernel_info, kernel_info
+from luoagent.workflows.lab.kernel import KernelBuild, build_kernel_info, compiler_identity, kernel_info
 
 _log = log.get_logger(__name__)
 
@@ -128,8 +128,7 @@ def build_selftests(kernel: KernelBuild | Path | None = None, *, version: str = 
             f"{headers}/linux/liveupdate.h missing: the kernel build's `make headers` did not run "
             "or this kernel has no LUO uAPI; build the lab against a kernel >= 6.19 with LUO (`luoagent lab build --kernel-src DIR`)"
         )
-    compiler = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = inputs_hash(RECIPE, kernel.identity, src, headers / "linux/liveupdate.h", compiler)
+    key = inputs_hash(RECIPE, kernel.identity, src, headers / "linux/liveupdate.h", compiler_identity())
     art = Artifact("selftests", key)
     with art.lock():
         if art.exists():

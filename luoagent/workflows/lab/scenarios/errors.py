@@ -13,6 +13,7 @@ import tempfile
 
 from luoagent import errors, memfd
 from luoagent.luo import LiveUpdate
+from luoagent.workflows.lab.scenarios._common import check_new_boot
 
 NAME = "errors"
 DESCRIPTION = "EBUSY open, duplicate name/token/file, unpreservable fds, bad names, unknown session/token"
@@ -168,8 +169,7 @@ def stage_preserve(ctx) -> None:
 
 def stage_retrieve(ctx) -> None:
     st = ctx.state[KEY]
-    ctx.check(ctx.boot_id != st["boot_id"], "a new kernel booted since preserve (boot id changed)",
-              f"boot id still {ctx.boot_id}")
+    check_new_boot(ctx, st)
     with LiveUpdate.open() as lu:
         # Also proves the refused 64-byte name was never truncated into a real session.
         ctx.expect_raises(errors.SessionNotFound, lambda: lu.retrieve_session(PREFIX_63),

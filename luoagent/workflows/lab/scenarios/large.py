@@ -11,6 +11,7 @@ import time
 
 from luoagent import memfd
 from luoagent.luo import LiveUpdate
+from luoagent.workflows.lab.scenarios._common import check_new_boot
 
 NAME = "large"
 DESCRIPTION = "512 MiB random memfd in a 3 GiB VM: SHA-256 equal after kexec; prints timings"
@@ -70,8 +71,7 @@ def stage_preserve(ctx) -> None:
 
 def stage_verify(ctx) -> None:
     st = ctx.state[KEY]
-    ctx.check(ctx.boot_id != st["boot_id"], "a new kernel booted since preserve (boot id changed)",
-              f"boot id still {ctx.boot_id}")
+    check_new_boot(ctx, st)
     with LiveUpdate.open() as lu:
         session, t_session = _timed(lu.retrieve_session, SESSION)
     _metric(ctx, "retrieve_session", t_session)

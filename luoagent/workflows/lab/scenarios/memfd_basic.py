@@ -10,6 +10,7 @@ import secrets
 
 from luoagent import memfd
 from luoagent.luo import LiveUpdate
+from luoagent.workflows.lab.scenarios._common import check_new_boot
 
 NAME = "memfd-basic"
 DESCRIPTION = "one 4 MiB random memfd in one session: size, file offset and SHA-256 survive kexec"
@@ -56,8 +57,7 @@ def stage_preserve(ctx) -> None:
 
 def stage_verify(ctx) -> None:
     st = ctx.state[KEY]
-    ctx.check(ctx.boot_id != st["boot_id"], "a new kernel booted since preserve (boot id changed)",
-              f"boot id still {ctx.boot_id}")
+    check_new_boot(ctx, st)
     with LiveUpdate.open() as lu:
         session = lu.retrieve_session(SESSION)
         fd = session.retrieve(TOKEN)

@@ -12,6 +12,7 @@ import secrets
 
 from luoagent import memfd
 from luoagent.luo import LiveUpdate
+from luoagent.workflows.lab.scenarios._common import check_new_boot
 
 NAME = "multi"
 DESCRIPTION = "3 sessions (one empty), 6 memfds: zero-size, sparse, sealed, max token; all verified"
@@ -96,8 +97,7 @@ def stage_preserve(ctx) -> None:
 
 def stage_verify(ctx) -> None:
     st = ctx.state[KEY]
-    ctx.check(ctx.boot_id != st["boot_id"], "a new kernel booted since preserve (boot id changed)",
-              f"boot id still {ctx.boot_id}")
+    check_new_boot(ctx, st)
     with LiveUpdate.open() as lu:
         sessions = {name: lu.retrieve_session(name) for name in SESSIONS}
     try:

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from luoagent.workflows.lab.scenarios._common import agent_env
+
 NAME = "trace"
 DESCRIPTION = "luoagent trace on real LUO: create/preserve, --pid attach + detach, update --dry-run, retrieve after kexec"
 MEMORY = "1G"
@@ -181,14 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # helpers for the stages
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[4])
-    for k in ("LUOAGENT_FAULT", "LUOAGENT_TEST_SKIP"):
-        env.pop(k, None)
-    return env
-
-
 def _agent(*args: str) -> list[str]:
     return [sys.executable, "-m", "luoagent", *args]
 
@@ -198,7 +192,7 @@ def _prog(mode: str, *args: str) -> list[str]:
 
 
 def _run(argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, text=True, capture_output=True, env=_env(), timeout=timeout)
+    return subprocess.run(argv, text=True, capture_output=True, env=agent_env(), timeout=timeout)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -313,14 +307,14 @@ def _part_hold(ctx) -> None:
     stop = Path("/tmp/trace-hold.stop")
     stop.unlink(missing_ok=True)
     out = OUT / "hold.jsonl"
-    prog = subprocess.Popen(_prog("hold", "--stop", str(stop)), stdout=subprocess.PIPE, text=True, env=_env())
+    prog = subprocess.Popen(_prog("hold", "--stop", str(stop)), stdout=subprocess.PIPE, text=True, env=agent_env())
     tracer = None
     try:
         ready = json.loads(prog.stdout.readline() or "{}")
         ctx.diag(f"hold program: {ready}")
         time.sleep(0.3)  # it is running its GET_NAME loop: attach mid-run
         tracer = subprocess.Popen(_agent("trace", "--pid", str(prog.pid), "--json", "-o", str(out)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env())
 
         def traced_names() -> int:
             return len(_luo(_jsonl(out), "GET_NAME")) if out.exists() else 0
@@ -391,12 +385,12 @@ def _part_update(ctx) -> None:
     # first LUO call; the pid traced is the update's own (sh execs it).
     update = subprocess.Popen(["sh", "-c", 'kill -STOP $$; exec "$0" "$@"',
                                *_agent("update", "--kernel", "/lab/bzImage", "--dry-run", "--json")],
-                              stdout=upd_out, stderr=upd_err, env=_env())
+                              stdout=upd_out, stderr=upd_err, env=agent_env())
     tracer = None
     try:
         _wait_for(lambda: _proc_status(update.pid).get("State", "")[:1] == "T", 30)
         tracer = subprocess.Popen(_agent("trace", "--pid", str(update.pid), "-f", "--json", "-o", str(out)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env())
         attached = _wait_for(lambda: _proc_status(update.pid).get("TracerPid") == str(tracer.pid), 60)
         os.kill(update.pid, signal.SIGCONT)
         rc = update.wait(timeout=240)

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from luoagent.workflows.lab.scenarios._common import agent_env
+
 NAME = "vm-update"
 DESCRIPTION = "two VMs across a real kexec with luoagent update/restore; rollback; manifest errors"
 MEMORY = "1G"
@@ -54,17 +56,9 @@ VERSION_ERROR = "restore with a manifest of unknown major version fails naming b
 MISSING_ERROR = "restore in a boot with no manifest says there is nothing to restore"
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[4])
-    for k in ("LUOAGENT_FAULT", "LUOAGENT_TEST_SKIP"):
-        env.pop(k, None)
-    return env
-
-
 def luoagent(*args: str, fault: str = "", stdout=None, stderr=None, timeout: float = 240):
     """Run the agent's CLI like a user would."""
-    env = _env()
+    env = agent_env()
     if fault:
         env["LUOAGENT_FAULT"] = fault
     kw = {"stdout": stdout, "stderr": stderr} if stdout is not None else {"capture_output": True}
