@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from luoagent import memfd
-from luoagent.adapters import qemu
+from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import LuoAgentError, MigrationFailed, QemuError, QmpCommandFailed, UsageError
-from luoagent.workflows.lab import guest
+from luoagent.lab import guest
 
 DEFAULT_SIZES = "128M,512M,1G"
 MIB = 1024 * 1024
@@ -55,7 +55,7 @@ def progress(msg: str) -> None:
 def parse_sizes(text: str) -> list[int]:
     sizes = []
     for part in (p for p in text.split(",") if p.strip()):
-        value = qemu.parse_size(part.strip())
+        value = qemu_ram.parse_size(part.strip())
         if value % MIB:
             raise UsageError(f"RAM size {part!r} is not a whole number of MiB (QEMU's -m needs MiB)")
         if value < guest.MIN_RAM:
@@ -99,11 +99,11 @@ def guest_argv(elf: Path, size: int, ram_fd: int, serial: Path) -> list[str]:
     return [
         "-machine", "pc", "-accel", "tcg", "-m", str(size // MIB),
         "-nodefaults", "-display", "none", "-kernel", str(elf), "-serial", f"file:{serial}",
-        *qemu.ram_backend_args("ram0", size, fd=ram_fd),
+        *qemu_ram.ram_backend_args("ram0", size, fd=ram_fd),
     ]
 
 
-async def migrate(q: qemu.Qmp, cmd: str, uri: str, ignore_shared: bool, timeout: float) -> tuple[float, dict]:
+async def migrate(q: qmp_client.Qmp, cmd: str, uri: str, ignore_shared: bool, timeout: float) -> tuple[float, dict]:
     """cpr-reboot mode, x-ignore-shared on or off, then ``cmd`` (migrate / migrate-incoming);
     returns (seconds from sending ``cmd`` to completed, final query-migrate).
 
@@ -149,10 +149,10 @@ async def trial(binary: Path, elf: Path, tmp: Path, size: int, ram: int, ignore_
     timeout = 120.0
 
     # --- source: guest runs over the pre-filled RAM memfd, is stopped, checkpointed ------
-    src = qemu.launch(binary, guest_argv(elf, size, ram, tmp / f"serial-src-{mode}.log"),
+    src = qemu_binary.launch(binary, guest_argv(elf, size, ram, tmp / f"serial-src-{mode}.log"),
                       pass_fds=[ram], qmp_socket=tmp / "src.sock", log=tmp / f"src-{mode}.log")
     procs.append(src)
-    async with await qemu.Qmp.connect(tmp / "src.sock", timeout=30, process=src) as q:
+    async with await qmp_client.Qmp.connect(tmp / "src.sock", timeout=30, process=src) as q:
         await wait_guest_counting(ram, src)
         await q.stop()
         at_stop = guest.read_state(ram)
@@ -173,11 +173,11 @@ async def trial(binary: Path, elf: Path, tmp: Path, size: int, ram: int, ignore_
         dst_ram = memfd.create("bench-cpr-ram-dst", size)
         fds.append(dst_ram)
     launched = time.monotonic()
-    dst = qemu.launch(binary, [*guest_argv(elf, size, dst_ram, tmp / f"serial-dst-{mode}.log"),
+    dst = qemu_binary.launch(binary, [*guest_argv(elf, size, dst_ram, tmp / f"serial-dst-{mode}.log"),
                                "-incoming", "defer"],
                       pass_fds=[dst_ram], qmp_socket=tmp / "dst.sock", log=tmp / f"dst-{mode}.log")
     procs.append(dst)
-    async with await qemu.Qmp.connect(tmp / "dst.sock", timeout=30, process=dst) as q:
+    async with await qmp_client.Qmp.connect(tmp / "dst.sock", timeout=30, process=dst) as q:
         dst_start_s = time.monotonic() - launched
         reader = memfd.reopen(stream, os.O_RDONLY)
         try:
@@ -291,7 +291,7 @@ async def run(binary: Path, sizes: list[int], repeat: int) -> list[dict]:
             return results
     finally:
         for proc in procs:
-            qemu.kill_process(proc)
+            qemu_binary.kill_process(proc)
         for fd in fds:
             os.close(fd)
 
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per size and mode; the median is reported (default 3)")
     parser.add_argument("--qemu", help="qemu-system-x86_64 to use (default: the lab's QEMU 11.1 "
-                                       "from luoagent.workflows.lab.build.host_qemu())")
+                                       "from luoagent.lab.build.host_qemu())")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args(argv)
     # SIGTERM takes the same path as Ctrl-C, so every QEMU and memfd is still cleaned up
@@ -318,12 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         sizes = parse_sizes(args.sizes)
         check_memory(sizes)
         if args.qemu:
-            binary = qemu.find_qemu(args.qemu)
+            binary = qemu_binary.find_qemu(args.qemu)
         else:
-            from luoagent.workflows.lab.build import host_qemu
+            from luoagent.lab.build import host_qemu
             progress("locating the lab's QEMU (builds the rootfs tree on first use, ~1-2 min)")
             binary = host_qemu()
-        version = qemu.qemu_version(binary)
+        version = qemu_binary.qemu_version(binary)
         started = time.monotonic()
         results = asyncio.run(run(binary, sizes, args.repeat))
         wall = time.monotonic() - started

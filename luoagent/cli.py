@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("luoagent.workflows.vm", "start, list and stop VMs managed by luoagent"),
     "update": ("luoagent.workflows.update", "checkpoint VMs, preserve them with LUO, kexec"),
     "restore": ("luoagent.workflows.restore", "after kexec: bring preserved VMs back"),
-    "lab": ("luoagent.workflows.lab.cli", "build and run the nested LUO test lab"),
+    "lab": ("luoagent.lab.cli", "build and run the nested LUO test lab"),
     "trace": ("luoagent.workflows.trace", "trace a program's LUO ioctls (python-ptrace)"),
 }
 

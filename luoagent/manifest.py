@@ -74,7 +74,7 @@ class VmstateRecord:
 
 
 @dataclass
-class VmRecord:
+class PreservedVm:
     """Everything restore needs to bring one VM back on the new kernel."""
 
     name: str
@@ -110,7 +110,7 @@ class Manifest:
     kernel_to: str  # path of the image that was kexec'd
     kernel_cmdline: str
     agent_version: str
-    vms: list[VmRecord] = field(default_factory=list)
+    vms: list[PreservedVm] = field(default_factory=list)
     schema: tuple[int, int] = SCHEMA_VERSION
     kernel_to_version: str = ""  # the image's own version string (bzImage header)
 
@@ -149,7 +149,7 @@ class Manifest:
             vms = []
             for v in doc["vms"]:
                 vms.append(
-                    VmRecord(
+                    PreservedVm(
                         name=_typed(v, "name", str),
                         binary=_typed(v, "binary", str),
                         argv=_str_list(v, "argv"),
@@ -211,7 +211,7 @@ class Manifest:
             if not vm.argv:
                 raise ManifestCorrupt(f"VM {vm.name!r} has an empty QEMU argv")
 
-    def vm(self, name: str) -> VmRecord:
+    def vm(self, name: str) -> PreservedVm:
         for v in self.vms:
             if v.name == name:
                 return v

@@ -15,8 +15,8 @@ _LAB_BUILDS: dict[str, object] = {}   # fixture name -> built value or the LuoAg
 
 def _build(name: str):
     from luoagent.errors import LuoAgentError
-    from luoagent.workflows.lab import cache
-    from luoagent.workflows.lab.build import build_lab, host_qemu
+    from luoagent.lab import cache
+    from luoagent.lab.build import build_lab, host_qemu
 
     if name not in _LAB_BUILDS:
         try:
@@ -56,7 +56,7 @@ def lab_qemu():
 
 @pytest.fixture(scope="session")
 def lab():
-    """The built LUO lab (``luoagent.workflows.lab.build.Lab``); session-scoped, built once.
+    """The built LUO lab (``luoagent.lab.build.Lab``); session-scoped, built once.
 
     API (stable; scenario and workflow tests rely on it)::
 

@@ -67,7 +67,7 @@ def test_shim_returns_negative_errno_without_a_device():
 @pytest.fixture(scope="module")
 def kernel_uapi(tmp_path_factory) -> Path:
     """usr/include of linux-libc-dev >= 7 (cached .deb, else fetched via the private apt list)."""
-    from luoagent.workflows.lab import debian
+    from luoagent.lab import debian
 
     cached = sorted(glob.glob(str(debian.debs_dir() / "linux-libc-dev_[7-9].*_all.deb")))
     deb = Path(cached[-1]) if cached else debian.download_debs(["linux-libc-dev"])[0]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from luoagent import memfd
-from luoagent.adapters import qemu
+from luoagent.adapters import qemu_binary, qemu_ram
 from luoagent.errors import LabBuildError
-from luoagent.workflows.lab import guest
+from luoagent.lab import guest
 
 MULTIBOOT_MAGIC = 0x1BADB002
 
@@ -94,8 +94,8 @@ def test_guest_counts_in_ram_and_leaves_the_canary_alone(lab_qemu, guest_elf, tm
     memfd.write_pattern(ram, guest.CANARY_OFFSET, guest.CANARY_SIZE, 4242)
     argv = ["-machine", "pc", "-accel", "tcg", "-m", f"{size}B", "-nodefaults", "-display", "none",
             "-kernel", str(guest_elf), "-serial", f"file:{serial}",
-            *qemu.ram_backend_args("ram0", size, fd=ram)]
-    proc = qemu.launch(lab_qemu, argv, pass_fds=[ram], log=tmp_path / "qemu.log")
+            *qemu_ram.ram_backend_args("ram0", size, fd=ram)]
+    proc = qemu_binary.launch(lab_qemu, argv, pass_fds=[ram], log=tmp_path / "qemu.log")
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(guest.serial_counters(serial.read_text() if serial.exists() else "")) < 3:
@@ -103,7 +103,7 @@ def test_guest_counts_in_ram_and_leaves_the_canary_alone(lab_qemu, guest_elf, tm
             time.sleep(0.1)
         state = guest.read_state(ram)
     finally:
-        qemu.kill_process(proc)
+        qemu_binary.kill_process(proc)
     text = serial.read_text()
     lines = guest.serial_counters(text)
     assert len(lines) >= 3, text

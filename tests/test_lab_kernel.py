@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from luoagent.errors import LabBuildError
-from luoagent.workflows.lab import cache, debian, kernel, selftests
-from luoagent.workflows.lab.cache import Artifact, Progress, inputs_hash
+from luoagent.lab import cache, debian, kernel, selftests
+from luoagent.lab.cache import Artifact, Progress, inputs_hash
 
 
 @pytest.fixture
@@ -343,7 +343,7 @@ def test_print_uris_remembers_answers_until_the_lists_change(tmp_cache, monkeypa
 # --- bzImage and selftests -------------------------------------------------------------------------
 def test_validate_bzimage(tmp_path):
     good = tmp_path / "bzImage"
-    good.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 100)
+    good.write_bytes(b"\0" * 0x1FE + b"\x55\xaa\0\0HdrS" + b"\0" * 100)  # boot flag + magic
     assert kernel.validate_bzimage(good) == good
     bad = tmp_path / "vmlinux"
     bad.write_bytes(b"\x7fELF" + b"\0" * 1000)

@@ -14,7 +14,7 @@ from luoagent.errors import InvalidName, ManifestCorrupt, ManifestVersionError
 
 
 def make_vm(name="a", n_ram=2):
-    return mf.VmRecord(
+    return mf.PreservedVm(
         name=name,
         binary="/usr/bin/qemu-system-x86_64",
         argv=["-machine", "pc", "-object", "memory-backend-file,id=ram0,size=64M,mem-path=/proc/self/fd/3,share=on"],

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from luoagent import memfd
-from luoagent.adapters import qemu
+from luoagent.adapters import cpr, procfs, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
+    QemuError,
     QemuNotFound,
     QmpCommandFailed,
     QmpUnreachable,
@@ -26,39 +27,39 @@ MIB = 1024 * 1024
 
 # --- pure helpers -------------------------------------------------------------------------
 def test_ram_backend_args_use_inherited_fd_by_default():
-    assert qemu.ram_backend_args("ram0", 64 * MIB, fd=7) == [
+    assert qemu_ram.ram_backend_args("ram0", 64 * MIB, fd=7) == [
         "-object", f"memory-backend-file,id=ram0,size={64 * MIB},mem-path=/proc/self/fd/7,share=on",
         "-machine", "memory-backend=ram0",
     ]
 
 
 def test_ram_backend_args_fdset_and_no_machine_option():
-    args = qemu.ram_backend_args("m1", 4096, fdset=3, machine_backend=False)
+    args = qemu_ram.ram_backend_args("m1", 4096, fdset=3, machine_backend=False)
     assert args == ["-object", "memory-backend-file,id=m1,size=4096,mem-path=/dev/fdset/3,share=on"]
     with pytest.raises(ValueError):
-        qemu.ram_backend_args("m1", 4096)
+        qemu_ram.ram_backend_args("m1", 4096)
 
 
 @pytest.mark.parametrize("text,value", [("512M", 512 * MIB), ("2G", 2048 * MIB), ("4096", 4096),
                                         ("1k", 1024), ("1GiB", 1024 * MIB), (8192, 8192)])
 def test_parse_size(text, value):
-    assert qemu.parse_size(text) == value
+    assert qemu_ram.parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "12X", "-1M", "0", "1.5G"])
 def test_parse_size_rejects_garbage(text):
     with pytest.raises(UsageError, match="size"):
-        qemu.parse_size(text)
+        qemu_ram.parse_size(text)
 
 
 def test_resolve_mem_path_forms():
-    assert qemu._resolve_mem_path("/proc/self/fd/12", []) == (12, None)
-    assert qemu._resolve_mem_path("/dev/fd/9", []) == (9, None)
+    assert qemu_ram._resolve_mem_path("/proc/self/fd/12", []) == (12, None)
+    assert qemu_ram._resolve_mem_path("/dev/fd/9", []) == (9, None)
     fdsets = [{"fdset-id": 4, "fds": [{"fd": 33}]}]
-    assert qemu._resolve_mem_path("/dev/fdset/4", fdsets) == (33, None)
-    fd, problem = qemu._resolve_mem_path("/dev/fdset/5", fdsets)
+    assert qemu_ram._resolve_mem_path("/dev/fdset/4", fdsets) == (33, None)
+    fd, problem = qemu_ram._resolve_mem_path("/dev/fdset/5", fdsets)
     assert fd is None and "no such fdset" in problem
-    fd, problem = qemu._resolve_mem_path("/dev/shm/guest-ram", [])
+    fd, problem = qemu_ram._resolve_mem_path("/dev/shm/guest-ram", [])
     assert fd is None and "not a memfd" in problem
 
 
@@ -67,18 +68,18 @@ def test_find_qemu_order(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("LUOAGENT_QEMU", str(fake))
-    assert qemu.find_qemu() == fake
-    assert qemu.find_qemu(str(fake)) == fake
+    assert qemu_binary.find_qemu() == fake
+    assert qemu_binary.find_qemu(str(fake)) == fake
     with pytest.raises(QemuNotFound, match="does not exist"):
-        qemu.find_qemu(tmp_path / "missing")
+        qemu_binary.find_qemu(tmp_path / "missing")
     plain = tmp_path / "plain"
     plain.write_text("")
     with pytest.raises(QemuNotFound, match="not an executable"):
-        qemu.find_qemu(plain)
+        qemu_binary.find_qemu(plain)
     monkeypatch.delenv("LUOAGENT_QEMU")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(QemuNotFound, match="LUOAGENT_QEMU"):
-        qemu.find_qemu()
+        qemu_binary.find_qemu()
 
 
 def test_qemu_version_rejects_a_non_qemu(tmp_path):
@@ -86,13 +87,13 @@ def test_qemu_version_rejects_a_non_qemu(tmp_path):
     fake.write_text("#!/bin/sh\necho hello\n")
     fake.chmod(0o755)
     with pytest.raises(QemuNotFound, match="qemu-system"):
-        qemu.qemu_version(fake)
+        qemu_binary.qemu_version(fake)
 
 
 def test_qmp_unreachable_for_missing_socket(tmp_path):
     sock = tmp_path / "nobody.sock"
     with pytest.raises(QmpUnreachable) as info:
-        asyncio.run(qemu.Qmp.connect(sock, timeout=0.3))
+        asyncio.run(qmp_client.Qmp.connect(sock, timeout=0.3))
     assert str(sock) in str(info.value) and "does not exist" in str(info.value)
 
 
@@ -104,7 +105,7 @@ def test_qmp_unreachable_when_nobody_listens(tmp_path):
     s.bind(str(sock))  # bound, never listening: connect is refused
     try:
         with pytest.raises(QmpUnreachable, match="did not answer"):
-            asyncio.run(qemu.Qmp.connect(sock, timeout=0.3))
+            asyncio.run(qmp_client.Qmp.connect(sock, timeout=0.3))
     finally:
         s.close()
 
@@ -113,7 +114,7 @@ def test_steal_fd_gets_the_same_open_file(tmp_path):
     fd = memfd.create("luoagent-steal-test", 4096)
     child = subprocess.Popen(["sleep", "30"], pass_fds=[fd])
     try:
-        got = qemu.steal_fd(child.pid, fd)
+        got = procfs.steal_fd(child.pid, fd)
         try:
             assert os.fstat(got).st_ino == os.fstat(fd).st_ino
             os.lseek(fd, 123, os.SEEK_SET)  # same open file description: shared offset
@@ -129,14 +130,14 @@ def test_steal_fd_gets_the_same_open_file(tmp_path):
 def test_steal_fd_missing_process_is_a_clear_error():
     child = subprocess.Popen(["true"])
     child.wait()
-    with pytest.raises(qemu.QemuError, match="pidfd_open"):
-        qemu.steal_fd(child.pid, 0)
+    with pytest.raises(QemuError, match="pidfd_open"):
+        procfs.steal_fd(child.pid, 0)
 
 
 # --- host tier: a real QEMU 11.1 ------------------------------------------------------------
 @pytest.mark.host
 def test_probe_cpr_on_qemu_11_1(lab_qemu):
-    probe = qemu.probe_cpr(lab_qemu)
+    probe = qemu_binary.probe_cpr(lab_qemu)
     assert probe.version.startswith("11.1"), probe.version
     assert probe.cpr_reboot is True
     assert probe.x_ignore_shared is True
@@ -154,17 +155,17 @@ class NoneMachine:
         for obj in objects:
             argv += ["-object", obj]
         self.sock = tmp / "qmp.sock"
-        self.proc = qemu.launch(binary, argv, pass_fds=pass_fds, qmp_socket=self.sock, log=tmp / "qemu.log")
+        self.proc = qemu_binary.launch(binary, argv, pass_fds=pass_fds, qmp_socket=self.sock, log=tmp / "qemu.log")
 
     def run(self, fn):
         async def go():
-            async with await qemu.Qmp.connect(self.sock, timeout=20, process=self.proc) as q:
+            async with await qmp_client.Qmp.connect(self.sock, timeout=20, process=self.proc) as q:
                 return await fn(q)
 
         try:
             return asyncio.run(go())
         finally:
-            qemu.kill_process(self.proc)
+            qemu_binary.kill_process(self.proc)
 
 
 @pytest.mark.host
@@ -173,7 +174,7 @@ def test_ram_backends_accepts_a_shared_memfd_backend(lab_qemu, tmp_path):
     try:
         vm = NoneMachine(lab_qemu, tmp_path, [
             f"memory-backend-file,id=ram0,size={8 * MIB},mem-path=/proc/self/fd/{fd},share=on"], [fd])
-        backends = vm.run(lambda q: qemu.ram_backends(vm.proc.pid, q))
+        backends = vm.run(lambda q: qemu_ram.ram_backends(vm.proc.pid, q))
     finally:
         os.close(fd)
     assert len(backends) == 1
@@ -187,7 +188,7 @@ def test_ram_backends_accepts_a_shared_memfd_backend(lab_qemu, tmp_path):
 def test_ram_backends_refuses_memory_backend_ram(lab_qemu, tmp_path):
     vm = NoneMachine(lab_qemu, tmp_path, [f"memory-backend-ram,id=pcram,size={8 * MIB}"])
     with pytest.raises(VmNotPreservable) as info:
-        vm.run(lambda q: qemu.ram_backends(vm.proc.pid, q))
+        vm.run(lambda q: qemu_ram.ram_backends(vm.proc.pid, q))
     msg = str(info.value)
     assert "'pcram'" in msg and "memory-backend-ram" in msg and "copy" in msg
 
@@ -206,8 +207,8 @@ def test_ram_backends_names_every_problem(lab_qemu, tmp_path):
         inspected = {}
 
         async def both(q):
-            inspected.update({b.id: b for b in await qemu.inspect_ram(vm.proc.pid, q)})
-            return await qemu.ram_backends(vm.proc.pid, q)
+            inspected.update({b.id: b for b in await qemu_ram.inspect_ram(vm.proc.pid, q)})
+            return await qemu_ram.ram_backends(vm.proc.pid, q)
 
         with pytest.raises(VmNotPreservable) as info:
             vm.run(both)
@@ -224,7 +225,7 @@ def test_ram_backends_names_every_problem(lab_qemu, tmp_path):
 def test_ram_backends_refuses_a_vm_without_backend(lab_qemu, tmp_path):
     vm = NoneMachine(lab_qemu, tmp_path, [])
     with pytest.raises(VmNotPreservable, match="no memory-backend"):
-        vm.run(lambda q: qemu.ram_backends(vm.proc.pid, q))
+        vm.run(lambda q: qemu_ram.ram_backends(vm.proc.pid, q))
 
 
 @pytest.mark.host
@@ -242,13 +243,13 @@ def test_execute_error_carries_qemu_error_class(lab_qemu, tmp_path):
 
 @pytest.mark.host
 def test_connect_fails_fast_when_qemu_exits(lab_qemu, tmp_path):
-    proc = qemu.launch(lab_qemu, ["-machine", "no-such-machine"], qmp_socket=tmp_path / "q.sock",
+    proc = qemu_binary.launch(lab_qemu, ["-machine", "no-such-machine"], qmp_socket=tmp_path / "q.sock",
                        log=tmp_path / "q.log")
     try:
         with pytest.raises(QmpUnreachable, match="exited with status"):
-            asyncio.run(qemu.Qmp.connect(tmp_path / "q.sock", timeout=20, process=proc))
+            asyncio.run(qmp_client.Qmp.connect(tmp_path / "q.sock", timeout=20, process=proc))
     finally:
-        qemu.kill_process(proc)
+        qemu_binary.kill_process(proc)
 
 
 @pytest.mark.host
@@ -271,9 +272,9 @@ def test_cpr_reboot_save_failures_carry_qemu_reason(lab_qemu, tmp_path):
             os.close(reader)
             os.close(writer)
         with pytest.raises(MigrationFailed, match="refused by QEMU: Failed to find file descriptor") as early:
-            await q.cpr_reboot_save("file:/dev/fdset/5", timeout=30)  # O_RDONLY cannot save
+            await cpr.save(q, "file:/dev/fdset/5", timeout=30)  # O_RDONLY cannot save
         with pytest.raises(MigrationFailed, match=r"save \(file:/dev/fdset/6\) failed: .+") as late:
-            await q.cpr_reboot_save("file:/dev/fdset/6", timeout=30)
+            await cpr.save(q, "file:/dev/fdset/6", timeout=30)
         return early.value, late.value, await q.status()
 
     try:
@@ -292,23 +293,23 @@ def test_cpr_reboot_load_of_garbage_is_migration_failed(lab_qemu, tmp_path):
     vmstate = memfd.create("luoagent-garbage-vmstate")
     os.write(vmstate, b"not a migration stream" * 10)
     argv = ["-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg", "-incoming", "defer"]
-    proc = qemu.launch(lab_qemu, argv, qmp_socket=tmp_path / "q.sock", log=tmp_path / "q.log")
+    proc = qemu_binary.launch(lab_qemu, argv, qmp_socket=tmp_path / "q.sock", log=tmp_path / "q.log")
 
     async def go():
-        async with await qemu.Qmp.connect(tmp_path / "q.sock", timeout=20, process=proc) as q:
+        async with await qmp_client.Qmp.connect(tmp_path / "q.sock", timeout=20, process=proc) as q:
             reader = memfd.reopen(vmstate, os.O_RDONLY)
             try:
                 await q.add_fd(reader, 7)
             finally:
                 os.close(reader)
             with pytest.raises(MigrationFailed, match="Not a migration stream"):
-                await q.cpr_reboot_load("file:/dev/fdset/7", timeout=30)
+                await cpr.load(q, "file:/dev/fdset/7", timeout=30)
             return await q.status()  # still alive: exit-on-error is off
 
     try:
         assert asyncio.run(go()) == "inmigrate"
     finally:
-        qemu.kill_process(proc)
+        qemu_binary.kill_process(proc)
         os.close(vmstate)
 
 
@@ -318,7 +319,7 @@ def test_second_qmp_client_times_out_with_a_reason(lab_qemu, tmp_path):
 
     async def go(q):
         with pytest.raises(QmpUnreachable, match="no QMP greeting"):
-            await qemu.Qmp.connect(vm.sock, timeout=1.0)
+            await qmp_client.Qmp.connect(vm.sock, timeout=1.0)
         return await q.status()
 
     assert vm.run(go) == "running"
@@ -341,7 +342,7 @@ def test_ram_backends_judges_the_file_not_its_name(lab_qemu, tmp_path):
             f"memory-backend-file,id=shm,size={4 * MIB},mem-path=/proc/self/fd/{shm},share=on",
             f"memory-backend-file,id=disk,size={4 * MIB},mem-path=/proc/self/fd/{disk},share=on",
         ], [shm, disk])
-        found = {b.id: b for b in vm.run(lambda q: qemu.inspect_ram(vm.proc.pid, q))}
+        found = {b.id: b for b in vm.run(lambda q: qemu_ram.inspect_ram(vm.proc.pid, q))}
     finally:
         os.close(shm)
         os.close(disk)

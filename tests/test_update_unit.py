@@ -25,6 +25,8 @@ from luoagent.errors import (
     UsageError,
 )
 from luoagent import manifest as mf
+from luoagent import testmode
+from luoagent.adapters import kexec, procfs, qemu_ram
 from luoagent.workflows import restore, update
 
 
@@ -40,21 +42,21 @@ def fake_bzimage(path, ok=True):
 
 def test_kernel_image_checks(tmp_path):
     good = fake_bzimage(tmp_path / "bzImage")
-    assert update.check_kernel_image(good, None) == "7.2.13 (test) #1"
+    assert kexec.check_image(good, None) == "7.2.13 (test) #1"
     with pytest.raises(KexecImageError, match="does not exist"):
-        update.check_kernel_image(tmp_path / "nope", None)
+        kexec.check_image(tmp_path / "nope", None)
     with pytest.raises(KexecImageError, match="not an x86 bzImage"):
-        update.check_kernel_image(fake_bzimage(tmp_path / "bad", ok=False), None)
+        kexec.check_image(fake_bzimage(tmp_path / "bad", ok=False), None)
     (tmp_path / "short").write_bytes(b"HdrS")
     with pytest.raises(KexecImageError, match="not an x86 bzImage"):
-        update.check_kernel_image(tmp_path / "short", None)
+        kexec.check_image(tmp_path / "short", None)
     with pytest.raises(KexecImageError, match="not a regular file"):
-        update.check_kernel_image(tmp_path, None)
+        kexec.check_image(tmp_path, None)
     with pytest.raises(KexecImageError, match="initrd"):
-        update.check_kernel_image(good, tmp_path / "no-initrd")
+        kexec.check_image(good, tmp_path / "no-initrd")
 
 
-def test_discover_from_state_dir_and_adoption(tmp_path):
+def test_discover_from_vm_root_and_adoption(tmp_path):
     for name in ("a", "b", "not-a-vm"):
         (tmp_path / name).mkdir()
     # records as `luoagent vm start` writes them (argv without -qmp; binary under "qemu")
@@ -87,23 +89,23 @@ def test_peer_pid_of_a_unix_socket_and_unreachable(tmp_path):
     srv.bind(str(path))
     srv.listen(1)
     try:
-        assert update.peer_pid(path) == os.getpid()
+        assert procfs.peer_pid(path) == os.getpid()
     finally:
         srv.close()
     # the file is still there but nobody listens: refused
     with pytest.raises(QmpUnreachable, match="unreachable"):
-        update.peer_pid(path)
+        procfs.peer_pid(path)
 
 
 def test_fault_switch(monkeypatch):
-    monkeypatch.setenv(update.FAULT_ENV, "after-quiesce, quiesce:b")
+    monkeypatch.setenv(testmode.FAULT_ENV, "after-quiesce, quiesce:b")
     with pytest.raises(UpdateError) as ei:
-        update._fault("after-quiesce")
+        testmode.fault("after-quiesce")
     assert ei.value.step == "after-quiesce" and ei.value.vm is None
-    update._fault("reboot-x")
-    update._fault("quiesce", "a")
+    testmode.fault("reboot-x")
+    testmode.fault("quiesce", "a")
     with pytest.raises(UpdateError) as ei:
-        update._fault("quiesce", "b")
+        testmode.fault("quiesce", "b")
     assert ei.value.vm == "b" and "test only" in str(ei.value)
 
 
@@ -119,7 +121,7 @@ def test_ramblock_parsing():
             assert cmd == "human-monitor-command"
             return text
 
-    assert asyncio.run(update._ramblocks(Q())) == {"ram0": 64 << 20, "pc.bios": 0x40000}
+    assert asyncio.run(qemu_ram.ramblocks(Q())) == {"ram0": 64 << 20, "pc.bios": 0x40000}
 
 
 def test_restore_argv_rewrites_ram_and_incoming():
@@ -131,7 +133,7 @@ def test_restore_argv_rewrites_ram_and_incoming():
         "-incoming", "tcp:0:4444",
         "-qmp", "unix:/run/luoagent/vms/a/qmp.sock,server=on,wait=off",
     ]
-    out = restore.restore_argv(argv + ["-add-fd", "fd=3,set=1"], {"ram0": "/proc/self/fd/9", "ram1": "/proc/self/fd/10"})
+    out = qemu_ram.restore_argv(argv + ["-add-fd", "fd=3,set=1"], {"ram0": "/proc/self/fd/9", "ram1": "/proc/self/fd/10"})
     assert "-daemonize" not in out and "tcp:0:4444" not in out and "-add-fd" not in out
     assert out[-2:] == ["-incoming", "defer"]
     assert "memory-backend-file,id=ram0,size=64M,mem-path=/proc/self/fd/9,share=on" in out
@@ -139,7 +141,7 @@ def test_restore_argv_rewrites_ram_and_incoming():
     # an unrelated object (with an escaped comma) is left exactly as it was
     assert "memory-backend-file,id=other,size=1M,mem-path=/dev/shm/x,,y,share=on" in out
     with pytest.raises(RestoreError, match="ram9"):
-        restore.restore_argv(argv, {"ram9": "/proc/self/fd/1"})
+        qemu_ram.restore_argv(argv, {"ram9": "/proc/self/fd/1"})
 
 
 class FakeLu:
@@ -170,7 +172,7 @@ def test_unknown_manifest_version_via_memfd():
 
 
 def test_demo_summary_reads_the_scenarios_diag_lines():
-    from luoagent.workflows.lab import demo
+    from luoagent.lab import demo
 
     lines = [
         "update: [update] preflight done in 1.450 s",

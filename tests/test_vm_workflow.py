@@ -14,10 +14,10 @@ import time
 import pytest
 
 from luoagent import cli, log
-from luoagent.adapters import qemu
+from luoagent.adapters import qemu_binary
 from luoagent.errors import InvalidName, UsageError
 from luoagent.workflows import vm
-from luoagent.workflows.lab import guest
+from luoagent.lab import guest
 
 
 @pytest.mark.parametrize("name", ["a", "web-1", "db_2.prod", "x" * 51])
@@ -120,14 +120,14 @@ def test_vm_start_reports_qemu_refusal_and_cleans_up(lab_qemu, tmp_path):
     assert result.returncode == 1
     assert "did not come up" in result.stderr and "no-such-machine" in result.stderr
     assert not (root / "bad").exists()
-    assert qemu.find_qemu(lab_qemu) == lab_qemu
+    assert qemu_binary.find_qemu(lab_qemu) == lab_qemu
 
 
 def test_register_restored_makes_a_vm_listable(tmp_path, capsys):
     argv = ["-name", "r1", "-m", "134217728B", "-smp", "cpus=2", "-serial", "file:/x/serial.log"]
     rec = vm.register_restored(name="r1", pid=999999999, qmp_socket=str(tmp_path / "r1" / "qmp.sock"),
                                binary="/nonexistent/qemu", argv=argv, ram=[{"id": "ram0", "size": 128 << 20}],
-                               log=str(tmp_path / "r1" / "qemu.log"), state_dir=tmp_path)
+                               log=str(tmp_path / "r1" / "qemu.log"), vm_root=tmp_path)
     assert (rec.memory, rec.smp, rec.serial_log, rec.restored) == (128 << 20, 2, "/x/serial.log", True)
     loaded = vm.load_record("r1", tmp_path)
     assert loaded == rec
@@ -146,24 +146,24 @@ def test_records_written_by_others_are_read_leniently(tmp_path):
     (tmp_path / "o2").mkdir()
     (tmp_path / "o2" / "vm.json").write_text("{not json")
     [rec] = vm.list_records(tmp_path)
-    assert (rec.name, rec.qemu, rec.memory, rec.state_dir) == ("o1", "/q", 4096, str(tmp_path / "o1"))
+    assert (rec.name, rec.qemu, rec.memory, rec.vm_dir) == ("o1", "/q", 4096, str(tmp_path / "o1"))
 
 
 @pytest.mark.host
 @pytest.mark.timeout(180)
-def test_custom_state_dir_and_forced_stop(lab_qemu, tmp_path):
+def test_custom_vm_dir_and_forced_stop(lab_qemu, tmp_path):
     root, own = tmp_path / "vms", tmp_path / "mine"
     own.mkdir()
     (own / "keep.txt").write_text("the user's file")
     pid = None
     try:
         out = _luoagent(lab_qemu, "vm", "--root", str(root), "start", "c1", "--memory", "64M",
-                        "--state-dir", str(own), "--json", "--", "-machine", "none")
+                        "--vm-dir", str(own), "--json", "--", "-machine", "none")
         pid = json.loads(out.stdout)["pid"]
         assert (root / "c1").is_symlink() and (root / "c1").resolve() == own.resolve()
         assert (own / "vm.json").is_file() and (own / "qmp.sock").exists()
         [row] = json.loads(_luoagent(lab_qemu, "vm", "--root", str(root), "list", "--json").stdout)["vms"]
-        assert (row["name"], row["status"], row["state_dir"]) == ("c1", "running", str(own))
+        assert (row["name"], row["status"], row["vm_dir"]) == ("c1", "running", str(own))
         # freeze QEMU so QMP cannot answer: only --force gets rid of it
         os.kill(pid, signal.SIGSTOP)
         stuck = _luoagent(lab_qemu, "vm", "--root", str(root), "stop", "c1", check=False)
@@ -183,7 +183,7 @@ def test_a_recycled_pid_is_never_signalled(tmp_path, capsys):
     try:
         vm.register_restored(name="old", pid=bystander.pid, qmp_socket=str(tmp_path / "old.sock"),
                              binary="/nonexistent/qemu", argv=["-name", "old"], ram=[], log="",
-                             state_dir=tmp_path)
+                             vm_root=tmp_path)
         assert vm.vm_status(vm.load_record("old", tmp_path)) == "dead"
         assert cli.main(["vm", "--root", str(tmp_path), "stop", "old", "--force", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["stopped"] == "already gone"

@@ -119,3 +119,46 @@ def reboot_kexec() -> None:
         E.EBUSY: "a kexec load is in progress; retry",
     }.get(err, "the kernel refused (a live update freeze may have failed: check dmesg for 'luo')")
     raise errors.RebootRefused(f"reboot(LINUX_REBOOT_CMD_KEXEC) returned ({E.errorcode.get(err, err)}): {why}")
+
+
+def bzimage_version(kernel: Path) -> str:
+    """The kernel_version string an x86 bzImage announces (e.g. "7.2.13 (builder@host) #1 ..."),
+    '' if it has none; KexecImageError if ``kernel`` cannot be read or is not a bzImage.
+
+    x86 boot protocol (Documentation/arch/x86/boot.rst): boot flag 0xAA55 at 0x1FE, "HdrS" at
+    0x202, and at 0x20E a u16 offset of the version string from 0x200."""
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(0x210)
+            ptr = int.from_bytes(head[0x20E:0x210], "little") if len(head) >= 0x210 else 0
+            raw = b""
+            if ptr:
+                f.seek(0x200 + ptr)
+                raw = f.read(256)
+    except OSError as exc:
+        raise errors.KexecImageError(f"cannot read kernel image {kernel}: {exc.strerror}") from None
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS" or head[0x1FE:0x200] != b"\x55\xaa":
+        raise errors.KexecImageError(
+            f"kernel image {kernel} is not an x86 bzImage (no 'HdrS' boot header): pass the "
+            "bzImage from arch/x86/boot/bzImage or /boot/vmlinuz-*, not vmlinux or an archive"
+        )
+    return raw.split(b"\0", 1)[0].decode(errors="replace").strip()
+
+
+def check_image(kernel: Path, initrd: Path | None) -> str:
+    """KexecImageError unless ``kernel`` is a readable x86 bzImage (and ``initrd`` a readable
+    file); returns the image's version string (empty if it has none)."""
+    if not kernel.exists():
+        raise errors.KexecImageError(f"kernel image {kernel} does not exist; pass --kernel PATH to a bzImage")
+    if not kernel.is_file():
+        raise errors.KexecImageError(f"kernel image {kernel} is not a regular file")
+    version = bzimage_version(kernel)
+    if initrd is not None:
+        if not initrd.is_file():
+            raise errors.KexecImageError(f"initrd {initrd} does not exist or is not a regular file")
+        try:
+            with open(initrd, "rb"):
+                pass
+        except OSError as exc:
+            raise errors.KexecImageError(f"cannot read initrd {initrd}: {exc.strerror}") from None
+    return version

@@ -1,12 +1,16 @@
-"""/proc helpers: who holds a file open, what an fd points at, a process's command line / argv.
-
-Pure reads of procfs; callers turn the answers into messages."""
+"""/proc and pidfd helpers: who holds a file open, what an fd points at, a process's argv, who
+serves a unix socket (SO_PEERCRED), and taking a copy of another process's fd (pidfd_getfd)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from luoagent.errors import QemuError, QmpUnreachable
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,45 @@ def pid_alive(pid: int, proc: Path = Path("/proc")) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def peer_pid(sock_path: Path, timeout: float = 5.0) -> int:
+    """PID of the process serving a unix socket (SO_PEERCRED), i.e. the QEMU behind a QMP socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(sock_path))
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as exc:
+        raise QmpUnreachable(
+            f"QMP socket {sock_path} is unreachable ({exc.strerror or exc}); is the VM running? "
+            "(`luoagent vm list`)"
+        ) from None
+    finally:
+        s.close()
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid
+
+
+def steal_fd(pid: int, fd: int) -> int:
+    """Duplicate fd ``fd`` of process ``pid`` into this process (pidfd_getfd); same open file."""
+    try:
+        from luoagent._luo_shim import lib
+    except ImportError as exc:
+        raise QemuError(
+            f"cannot take fd {fd} from pid {pid}: the luoagent C shim is not built ({exc}); "
+            "reinstall with `pip install -e .`"
+        ) from exc
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise QemuError(f"pidfd_open({pid}) failed: {exc.strerror}; is QEMU still running?") from exc
+    try:
+        got = lib.sys_pidfd_getfd(pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    if got < 0:
+        err = -got
+        hint = " (need root or ptrace access to QEMU)" if err == errno.EPERM else ""
+        raise QemuError(f"pidfd_getfd(pid {pid}, fd {fd}) failed: {os.strerror(err)}{hint}")
+    return got

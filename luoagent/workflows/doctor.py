@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from luoagent import errors
-from luoagent.adapters import qemu as qemu_adapter
+from luoagent.adapters import qemu_binary
 from luoagent.adapters.luo import DEVICE, LiveUpdate
 from luoagent.log import get_logger
 
@@ -182,14 +182,14 @@ def check_privileges(euid: int, caps: int) -> Check:
 
 def check_qemu(explicit: str | None) -> list[Check]:
     try:
-        binary = qemu_adapter.find_qemu(explicit)
-        version = qemu_adapter.qemu_version(binary)
+        binary = qemu_binary.find_qemu(explicit)
+        version = qemu_binary.qemu_version(binary)
     except errors.QemuError as exc:
         fix = "install qemu-system-x86 >= 11.1 (Debian trixie-backports), or pass --qemu PATH / set $LUOAGENT_QEMU"
         return [Check("qemu", False, str(exc), fix)]
     checks = [Check("qemu", True, f"{binary} (QEMU {version})")]
     try:
-        probe = qemu_adapter.probe_cpr(binary)
+        probe = qemu_binary.probe_cpr(binary)
     except errors.QemuError as exc:
         return checks + [Check("qemu-cpr", False, f"probing {binary} failed: {exc}",
                                "check that this QEMU starts (`-machine none`) and answers QMP")]

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luoagent import manifest as mf
-from luoagent import memfd
-from luoagent.adapters import qemu as qa
+from luoagent import memfd, testmode
+from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
@@ -36,10 +36,8 @@ from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
 
-DEFAULT_STATE_DIR = vmwf.DEFAULT_ROOT
 #: on disk, not tmpfs: a rescue image must survive this boot too
 DEFAULT_RESCUE_DIR = Path("/var/lib/luoagent/rescue")
-FAULT_ENV = "LUOAGENT_FAULT"  # test only: restore-vm:NAME makes that VM's restore fail
 INCOMING_FDSET = 0x4C56
 
 
@@ -47,8 +45,8 @@ def configure(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("--qemu", metavar="PATH", help="QEMU binary (default: the one recorded, else PATH)")
     parser.add_argument(
-        "--root", "--state-dir", dest="state_dir", default=None,
-        help=f"directory of VM state directories (default $LUOAGENT_VM_ROOT or {DEFAULT_STATE_DIR})",
+        "--vm-root", "--root", dest="vm_root", default=None,
+        help=f"the VM root: directory holding one directory per VM (default $LUOAGENT_VM_ROOT or {vmwf.DEFAULT_VM_ROOT})",
     )
     parser.add_argument(
         "--rescue-dir",
@@ -64,7 +62,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     opts = RestoreOptions(
         qemu=args.qemu,
-        state_dir=vmwf.vm_root(args.state_dir),  # same rule as `luoagent vm`
+        vm_root=vmwf.vm_root(args.vm_root),  # same rule as `luoagent vm`
         rescue_dir=Path(args.rescue_dir),
         timeout=args.timeout,
     )
@@ -82,7 +80,7 @@ def run(args) -> int:
 @dataclass
 class RestoreOptions:
     qemu: str | None = None
-    state_dir: Path = DEFAULT_STATE_DIR
+    vm_root: Path = vmwf.DEFAULT_VM_ROOT
     rescue_dir: Path = DEFAULT_RESCUE_DIR
     timeout: float = 60.0
     progress: object = None
@@ -158,81 +156,6 @@ def retrieve_manifest(lu) -> tuple[object, mf.Manifest]:
 # ---------------------------------------------------------------------------------------
 # argv
 # ---------------------------------------------------------------------------------------
-def _split_opts(value: str) -> list[str]:
-    """Split a QEMU option string on ',' (',,' is an escaped comma)."""
-    parts, cur, i = [], [], 0
-    while i < len(value):
-        c = value[i]
-        if c == ",":
-            if i + 1 < len(value) and value[i + 1] == ",":
-                cur.append(",,")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
-def _rewrite_object(value: str, mem_paths: dict[str, str], found: set[str]) -> str:
-    if value.lstrip().startswith("{"):
-        try:
-            obj = json.loads(value)
-        except ValueError:
-            return value
-        if obj.get("qom-type") == "memory-backend-file" and obj.get("id") in mem_paths:
-            obj["mem-path"] = mem_paths[obj["id"]]
-            found.add(obj["id"])
-            return json.dumps(obj)
-        return value
-    parts = _split_opts(value)
-    kv = {p.split("=", 1)[0]: i for i, p in enumerate(parts) if "=" in p}
-    qom_type = parts[0] if "=" not in parts[0] else parts[0].split("=", 1)[1] if parts[0].startswith("qom-type=") else ""
-    ident = parts[kv["id"]].split("=", 1)[1] if "id" in kv else None
-    if qom_type != "memory-backend-file" or ident not in mem_paths:
-        return value
-    found.add(ident)
-    new = f"mem-path={mem_paths[ident]}"
-    if "mem-path" in kv:
-        parts[kv["mem-path"]] = new
-    else:
-        parts.append(new)
-    return ",".join(parts)
-
-
-def restore_argv(argv: list[str], mem_paths: dict[str, str]) -> list[str]:
-    """The recorded QEMU argv with each RAM backend's mem-path replaced, -daemonize and any
-    -incoming dropped, and ``-incoming defer`` appended."""
-    out: list[str] = []
-    found: set[str] = set()
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-daemonize", "--daemonize"):
-            i += 1
-            continue
-        if a in ("-incoming", "--incoming", "-add-fd", "--add-fd") and i + 1 < len(argv):
-            # -add-fd names fds the old QEMU inherited; RAM now comes from /proc/self/fd/N
-            i += 2
-            continue
-        if a in ("-object", "--object") and i + 1 < len(argv):
-            out += [a, _rewrite_object(argv[i + 1], mem_paths, found)]
-            i += 2
-            continue
-        out.append(a)
-        i += 1
-    missing = sorted(set(mem_paths) - found)
-    if missing:
-        raise RestoreError(
-            f"the recorded QEMU argv has no memory-backend-file object for RAM backend(s) {', '.join(missing)}; "
-            "cannot tell QEMU where that RAM is"
-        )
-    return out + ["-incoming", "defer"]
-
-
 def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
     """Recreate the directories (tmpfs /run is empty after kexec) and remove a stale socket."""
     sock = Path(qmp_socket)
@@ -254,19 +177,19 @@ def _has_qmp_on(argv: list[str], qmp_socket: str) -> bool:
     return any(qmp_socket in a for a in argv)
 
 
-def _binary(vm: mf.VmRecord, opts: RestoreOptions) -> str:
-    if opts.qemu or os.environ.get(qa.QEMU_ENV):
-        return str(qa.find_qemu(opts.qemu))
+def _binary(vm: mf.PreservedVm, opts: RestoreOptions) -> str:
+    if opts.qemu or os.environ.get(qemu_binary.QEMU_ENV):
+        return str(qemu_binary.find_qemu(opts.qemu))
     if vm.binary and os.access(vm.binary, os.X_OK) and not Path(vm.binary).name.startswith("ld-"):
         return vm.binary
-    return str(qa.find_qemu())
+    return str(qemu_binary.find_qemu())
 
 
 # ---------------------------------------------------------------------------------------
 # one VM
 # ---------------------------------------------------------------------------------------
 async def start_incoming(
-    vm: mf.VmRecord,
+    vm: mf.PreservedVm,
     ram_fds: list[int],
     vmstate_fd: int,
     mem_paths: dict[str, str],
@@ -276,17 +199,17 @@ async def start_incoming(
     """Start QEMU on the given RAM, load the vmstate, resume; fills ``out``."""
     t_start = time.time_ns()
     binary = _binary(vm, opts)
-    argv = restore_argv(vm.argv, mem_paths)
+    argv = qemu_ram.restore_argv(vm.argv, mem_paths)
     _prepare_paths(argv, vm.qmp_socket)
-    vm_dir = opts.state_dir / vm.name
+    vm_dir = opts.vm_root / vm.name
     vm_dir.mkdir(parents=True, exist_ok=True)
     log_path = vm_dir / "qemu.log"
     # `luoagent vm start` records argv without its -qmp; an adopted QEMU's argv has its own
     own_qmp = None if _has_qmp_on(argv, vm.qmp_socket) else vm.qmp_socket
-    proc = qa.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True)
+    proc = qemu_binary.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True)
     out.pid = proc.pid
     try:
-        q = await qa.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
+        q = await qmp_client.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
         try:
             out.timings["qemu_up_ns"] = time.time_ns()
             rfd = memfd.reopen(vmstate_fd, os.O_RDONLY)  # the fdset's access mode must match the load
@@ -294,8 +217,8 @@ async def start_incoming(
                 await q.add_fd(rfd, INCOMING_FDSET, opaque=f"luoagent vmstate {vm.name}")
             finally:
                 os.close(rfd)
-            _fault("restore-vm", vm.name)
-            await q.cpr_reboot_load(f"file:/dev/fdset/{INCOMING_FDSET}", timeout=opts.timeout)
+            testmode.fault("restore-vm", vm.name, RestoreError)
+            await cpr.load(q, f"file:/dev/fdset/{INCOMING_FDSET}", timeout=opts.timeout)
             out.timings["incoming_done_ns"] = time.time_ns()
             if vm.was_running and await q.status() != "running":
                 await q.cont()
@@ -309,7 +232,7 @@ async def start_incoming(
         finally:
             await q.close()
     except BaseException:
-        qa.kill_process(proc)
+        qemu_binary.kill_process(proc)
         raise
     out.timings["restore_started_ns"] = t_start
     out.ok = True
@@ -323,11 +246,11 @@ async def start_incoming(
         "load_vmstate": round((out.timings["incoming_done_ns"] - out.timings["qemu_up_ns"]) / 1e9, 3),
         "cont": round((out.timings["running_ns"] - out.timings["incoming_done_ns"]) / 1e9, 3),
     }
-    register_vm(opts.state_dir, vm, binary, argv, proc.pid, log_path)
+    register_vm(opts.vm_root, vm, binary, argv, proc.pid, log_path)
 
 
-def register_vm(state_dir: Path, vm: mf.VmRecord, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
-    """Record the restored VM in the `luoagent vm` state dir so `luoagent vm list` shows it."""
+def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
+    """Record the restored VM in the `luoagent vm` VM root so `luoagent vm list` shows it."""
     vmwf.register_restored(
         name=vm.name,
         pid=pid,
@@ -336,20 +259,11 @@ def register_vm(state_dir: Path, vm: mf.VmRecord, binary: str, argv: list[str], 
         argv=argv,
         ram=[{"id": r.id, "size": r.size} for r in vm.ram],
         log=str(log_path),
-        state_dir=state_dir,
+        vm_root=vm_root,
     )
 
 
-def _fault(point: str, vm: str) -> None:
-    faults = {x.strip() for x in os.environ.get(FAULT_ENV, "").split(",")}
-    if f"{point}:{vm}" in faults:
-        raise RestoreError(f"fault injected at {point} for VM {vm} ({FAULT_ENV}, test only)")
-
-
-# ---------------------------------------------------------------------------------------
-# rescue image: a standard cpr-reboot checkpoint on disk
-# ---------------------------------------------------------------------------------------
-def write_rescue(vm: mf.VmRecord, ram_fds: list[int], vmstate_fd: int, rescue_root: Path) -> Path:
+def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue_root: Path) -> Path:
     """Write RAM files + vmstate + restore.json under ``rescue_root/NAME-TIME``; fsync'd."""
     target = rescue_root / f"{vm.name}-{time.strftime('%Y%m%dT%H%M%S')}"
     target.mkdir(parents=True, exist_ok=False)
@@ -453,7 +367,7 @@ async def _restore_all(lu, manifest: mf.Manifest, opts: RestoreOptions) -> list[
     return list(await asyncio.gather(*(_restore_one(lu, vm, opts) for vm in manifest.vms)))
 
 
-async def _restore_one(lu, vm: mf.VmRecord, opts: RestoreOptions) -> VmOutcome:
+async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcome:
     out = VmOutcome(
         name=vm.name,
         was_running=vm.was_running,

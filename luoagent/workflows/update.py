@@ -1,21 +1,11 @@
 """Workflow `luoagent update`: preflight, preserve VM RAM, quiesce VMs in parallel, preserve
 vmstate + manifest with LUO, kexec into the new kernel — or roll back everything before that.
 
-State machine (DESIGN.md): PREFLIGHT → PRESERVE_RAM → QUIESCE → PRESERVE_VMSTATE → MANIFEST →
-REBOOT. Any failure before the reboot syscall succeeds resumes every VM this run stopped that
-was running before (a VM the user had paused stays paused),
+State machine (docs/architecture.md "Update"): PREFLIGHT → PRESERVE_RAM → QUIESCE →
+PRESERVE_VMSTATE → MANIFEST → REBOOT. Any failure before the reboot syscall succeeds resumes
+every VM this run stopped that was running before (a VM the user had paused stays paused),
 closes every outgoing session (which unpreserves its files) and unloads the kexec image.
-
-Test-only switches (environment; never set them in production):
-  LUOAGENT_FAULT=STEP[,STEP]  inject a failure: after-preflight, after-preserve-ram,
-        after-quiesce, quiesce:VMNAME (that VM fails after it was stopped; bare `quiesce`: every
-        VM), after-manifest,
-        reboot (the kexec image is unloaded just before the reboot syscall, so the real
-        syscall fails).
-  LUOAGENT_TEST_SKIP=luo,kexec-load  skip the LUO steps / kexec_file_load — for hosts without
-        LUO/kexec (the host test tier). With kexec-load skipped, the reboot syscall is still
-        made for real and must fail (no image loaded); if a kexec image is loaded anyway the
-        update refuses to call it."""
+Test-only fault points and skipped steps: `luoagent.testmode`."""
 
 from __future__ import annotations
 
@@ -24,9 +14,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
-import socket
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,10 +21,10 @@ from pathlib import Path
 
 from luoagent import __version__, memfd
 from luoagent import manifest as mf
+from luoagent import testmode
 from luoagent.adapters import kexec, procfs
-from luoagent.adapters import qemu as qa
+from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
-    KexecImageError,
     LuoAgentError,
     QmpUnreachable,
     RebootRefused,
@@ -52,10 +39,7 @@ from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
 
-FAULT_ENV = "LUOAGENT_FAULT"
-SKIP_ENV = "LUOAGENT_TEST_SKIP"
 #: where `luoagent vm` keeps one directory per VM (owner: workflows.vm)
-DEFAULT_STATE_DIR = vmwf.DEFAULT_ROOT
 #: fdset ids we use for vmstate; high so they do not collide with a user's -add-fd sets
 VMSTATE_FDSET_BASE = 0x4C55
 
@@ -75,12 +59,12 @@ def configure(parser) -> None:
         "--vm",
         action="append",
         metavar="NAME[=QMP_SOCKET]",
-        help="VM to carry across (repeatable; default: every VM in the state dir). "
+        help="VM to carry across (repeatable; default: every VM in the VM root). "
         "NAME=SOCKET adopts a QEMU started by another tool through its QMP socket",
     )
     parser.add_argument(
-        "--root", "--state-dir", dest="state_dir", default=None,
-        help=f"directory of VM state directories (default $LUOAGENT_VM_ROOT or {DEFAULT_STATE_DIR})",
+        "--vm-root", "--root", dest="vm_root", default=None,
+        help=f"the VM root: directory holding one directory per VM (default $LUOAGENT_VM_ROOT or {vmwf.DEFAULT_VM_ROOT})",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="do everything reversible, then roll back instead of kexec"
@@ -100,7 +84,7 @@ def run(args) -> int:
         initrd=Path(args.initrd) if args.initrd else None,
         cmdline=cmdline,
         vms=list(args.vm or []),
-        state_dir=vmwf.vm_root(args.state_dir),  # same rule as `luoagent vm`
+        vm_root=vmwf.vm_root(args.vm_root),  # same rule as `luoagent vm`
         dry_run=args.dry_run,
         timeout=args.timeout,
         json=args.json,
@@ -122,7 +106,7 @@ class UpdateRequest:
     initrd: Path | None = None
     cmdline: str | None = None  # None: reuse the running kernel's
     vms: list[str] = field(default_factory=list)
-    state_dir: Path = DEFAULT_STATE_DIR
+    vm_root: Path = vmwf.DEFAULT_VM_ROOT
     dry_run: bool = False
     timeout: float = 60.0
     json: bool = False
@@ -203,37 +187,20 @@ class Phases:
 
 
 # ---------------------------------------------------------------------------------------
-# test-only switches
-# ---------------------------------------------------------------------------------------
-def _env_list(name: str) -> set[str]:
-    return {x.strip() for x in os.environ.get(name, "").split(",") if x.strip()}
-
-
-def _fault(point: str, vm: str | None = None) -> None:
-    faults = _env_list(FAULT_ENV)
-    if point in faults or (vm is not None and f"{point}:{vm}" in faults):
-        raise UpdateError(
-            f"fault injected at {point}{f' for VM {vm}' if vm else ''} ({FAULT_ENV}, test only)",
-            step=point,
-            vm=vm,
-        )
-
-
-# ---------------------------------------------------------------------------------------
 # VM discovery
 # ---------------------------------------------------------------------------------------
-def discover(names: list[str], state_dir: Path) -> list[VmTarget]:
-    """Resolve ``--vm`` arguments (or every VM in the state dir) to VmTargets."""
+def discover(names: list[str], vm_root: Path) -> list[VmTarget]:
+    """Resolve ``--vm`` arguments (or every VM in the VM root) to VmTargets."""
     targets: list[VmTarget] = []
     if not names:
-        if not state_dir.is_dir():
+        if not vm_root.is_dir():
             raise UsageError(
-                f"no VMs to update: {state_dir} does not exist; start VMs with `luoagent vm start` "
+                f"no VMs to update: {vm_root} does not exist; start VMs with `luoagent vm start` "
                 "or name them with --vm NAME=QMP_SOCKET"
             )
-        names = sorted(p.name for p in state_dir.iterdir() if (p / "vm.json").is_file())
+        names = sorted(p.name for p in vm_root.iterdir() if (p / "vm.json").is_file())
         if not names:
-            raise UsageError(f"no VMs to update: {state_dir} is empty; start VMs with `luoagent vm start`")
+            raise UsageError(f"no VMs to update: {vm_root} is empty; start VMs with `luoagent vm start`")
     seen = set()
     for item in names:
         name, _, sock = item.partition("=")
@@ -244,19 +211,19 @@ def discover(names: list[str], state_dir: Path) -> list[VmTarget]:
         if sock:
             targets.append(VmTarget(name=name, qmp_socket=Path(sock), adopted=True))
         else:
-            targets.append(_from_state_dir(name, state_dir))
+            targets.append(_from_vm_root(name, vm_root))
     return targets
 
 
-def _from_state_dir(name: str, state_dir: Path) -> VmTarget:
-    """A VM `luoagent vm start` (or an earlier restore) recorded in ``state_dir/NAME/vm.json``."""
-    vm_dir = state_dir / name
+def _from_vm_root(name: str, vm_root: Path) -> VmTarget:
+    """A VM `luoagent vm start` (or an earlier restore) recorded in ``vm_root/NAME/vm.json``."""
+    vm_dir = vm_root / name
     if not (vm_dir / vmwf.RECORD_FILE).is_file():
         raise UsageError(
             f"VM {name!r} is not known: no {vm_dir / vmwf.RECORD_FILE}; list VMs with `luoagent vm list` "
             f"or adopt one with --vm {name}=QMP_SOCKET"
         )
-    rec = vmwf.load_record(name, state_dir)
+    rec = vmwf.load_record(name, vm_root)
     return VmTarget(
         name=name,
         qmp_socket=Path(rec.qmp_socket or vm_dir / "qmp.sock"),
@@ -264,39 +231,6 @@ def _from_state_dir(name: str, state_dir: Path) -> VmTarget:
         binary=str(rec.qemu or ""),
         argv=[str(a) for a in rec.argv],
     )
-
-
-def peer_pid(sock_path: Path, timeout: float = 5.0) -> int:
-    """PID of the process serving a unix socket (SO_PEERCRED), i.e. the QEMU behind a QMP socket."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(sock_path))
-        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError as exc:
-        raise QmpUnreachable(
-            f"QMP socket {sock_path} is unreachable ({exc.strerror or exc}); is the VM running? "
-            "(`luoagent vm list`)"
-        ) from None
-    finally:
-        s.close()
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return pid
-
-
-def qemu_cmdline(pid: int) -> tuple[str, list[str]]:
-    """(binary, QEMU arguments) of a running QEMU from /proc/PID/cmdline.
-
-    A QEMU run through the dynamic loader (the lab's host wrapper) shows ld.so first; the
-    binary is then the first argument naming qemu-system-*."""
-    try:
-        parts = procfs.argv(pid)
-    except OSError as exc:
-        raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc.strerror}") from None
-    for i, p in enumerate(parts):
-        if re.search(r"qemu-system-[\w]+$", p):
-            return p, parts[i + 1 :]
-    return parts[0] if parts else "", parts[1:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +251,7 @@ class _Update:
     def __init__(self, req: UpdateRequest):
         self.req = req
         self.phases = Phases(req.progress)
-        self.skip = _env_list(SKIP_ENV)
+        self.skip = testmode.skipped()
         self.work: list[VmWork] = []
         self.lu = None  # LiveUpdate
         self.manifest_session = None
@@ -331,17 +265,17 @@ class _Update:
     # -- driver --------------------------------------------------------------------------
     async def run(self) -> dict:
         if self.skip:
-            print(f"[update] TEST MODE: skipping {', '.join(sorted(self.skip))} ({SKIP_ENV})", file=self.phases.out)
+            print(f"[update] TEST MODE: skipping {', '.join(sorted(self.skip))} ({testmode.SKIP_ENV})", file=self.phases.out)
         try:
             await self._preflight()
-            _fault("after-preflight")
+            testmode.fault("after-preflight")
             await self._preserve_ram()
-            _fault("after-preserve-ram")
+            testmode.fault("after-preserve-ram")
             await self._quiesce_all()
-            _fault("after-quiesce")
+            testmode.fault("after-quiesce")
             self._preserve_vmstate()
             self._write_manifest()
-            _fault("after-manifest")
+            testmode.fault("after-manifest")
             if self.req.dry_run:
                 self.step = "dry-run"
                 await self._rollback()
@@ -375,9 +309,9 @@ class _Update:
     # -- PREFLIGHT -----------------------------------------------------------------------
     async def _preflight(self) -> None:
         with self.phases.phase("preflight"):
-            self.kernel_release = check_kernel_image(self.req.kernel, self.req.initrd)
+            self.kernel_release = kexec.check_image(self.req.kernel, self.req.initrd)
             self._run_doctor_checks()
-            targets = discover(self.req.vms, self.req.state_dir)
+            targets = discover(self.req.vms, self.req.vm_root)
             self.work = [VmWork(target=t, session_name=mf.vm_session_name(t.name)) for t in targets]
             if "luo" not in self.skip:
                 self.lu = LiveUpdate.open()  # LuoUnavailable / LuoBusy say why not
@@ -424,18 +358,18 @@ class _Update:
                 raise QmpUnreachable(
                     f"QMP socket {t.qmp_socket} does not exist; is the VM running? (`luoagent vm list`)"
                 )
-            pid = peer_pid(t.qmp_socket)
+            pid = procfs.peer_pid(t.qmp_socket)
             if t.pid and t.pid != pid:
                 log.warning("update.pid_mismatch", vm=t.name, recorded=t.pid, actual=pid)
             t.pid = pid
-            binary, argv = qemu_cmdline(pid)
+            binary, argv = qemu_binary.qemu_cmdline(pid)
             t.binary = t.binary or binary
             t.argv = t.argv or argv
-            w.qmp = await qa.Qmp.connect(t.qmp_socket, timeout=min(self.req.timeout, 10))
+            w.qmp = await qmp_client.Qmp.connect(t.qmp_socket, timeout=min(self.req.timeout, 10))
             w.status_before = await w.qmp.status()
             if w.status_before in ("inmigrate", "postmigrate", "finish-migrate", "shutdown", "internal-error"):
                 raise VmNotPreservable(f"VM is in state {w.status_before!r}; only running or paused VMs can be carried")
-            w.backends = await qa.ram_backends(pid, w.qmp)
+            w.backends = await qemu_ram.ram_backends(pid, w.qmp)
             w.qemu_version = await self._qemu_version(w)
         except LuoAgentError as exc:
             exc.vm = t.name  # type: ignore[attr-defined]
@@ -454,7 +388,7 @@ class _Update:
             for w in self.work:
                 try:
                     for b in w.backends:
-                        w.ram_fds.append(qa.steal_fd(w.target.pid, b.qemu_fd))
+                        w.ram_fds.append(procfs.steal_fd(w.target.pid, b.qemu_fd))
                     if self.lu is not None:
                         w.session = self.lu.create_session(w.session_name)
                         for i, (b, fd) in enumerate(zip(w.backends, w.ram_fds)):
@@ -493,18 +427,18 @@ class _Update:
                 await q.add_fd(wfd, w.fdset_id, opaque=f"luoagent vmstate {w.name}")
             finally:
                 os.close(wfd)
-            blocks = await _ramblocks(q)
+            blocks = await qemu_ram.ramblocks(q)
             w.was_running = (await q.status()) == "running"
             # mode + capability before stop: they do not disturb a running guest, and the
             # blackout then holds only stop + save
-            await q.set_cpr_reboot(timeout=self.req.timeout)
+            await cpr.configure(q, timeout=self.req.timeout)
             w.migrate_configured = True
             t0 = time.monotonic()
             w.stopped_at_ns = time.time_ns()
             w.stop_issued = True
             await q.stop()
-            _fault("quiesce", w.name)
-            info = await q.cpr_reboot_save(
+            testmode.fault("quiesce", w.name)
+            info = await cpr.save(q, 
                 f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout, configured=True
             )
             w.saved_at_ns = time.time_ns()
@@ -552,7 +486,7 @@ class _Update:
                 kernel_cmdline=self.cmdline,
                 agent_version=__version__,
                 vms=[
-                    mf.VmRecord(
+                    mf.PreservedVm(
                         name=w.name,
                         binary=w.target.binary,
                         argv=list(w.target.argv),
@@ -577,7 +511,7 @@ class _Update:
     # -- REBOOT --------------------------------------------------------------------------
     def _reboot(self) -> None:
         self.step = "reboot"
-        if "reboot" in _env_list(FAULT_ENV) and self.kexec_loaded:
+        if testmode.armed("reboot") and self.kexec_loaded:
             # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
             kexec.unload()
             self.kexec_loaded = False
@@ -703,61 +637,6 @@ class _Update:
                 for w in self.work
             ],
         }
-
-
-async def _ramblocks(q) -> dict[str, int]:
-    """RAM block name -> used bytes, from HMP `info ramblock` (QMP has no equivalent)."""
-    text = await q.execute("human-monitor-command", {"command-line": "info ramblock"})
-    blocks: dict[str, int] = {}
-    for line in str(text).splitlines():
-        parts = line.split()
-        if len(parts) >= 5 and parts[3].startswith("0x") and parts[4].startswith("0x"):
-            blocks[parts[0]] = int(parts[4], 16)
-    return blocks
-
-
-def check_kernel_image(kernel: Path, initrd: Path | None) -> str:
-    """KexecImageError unless ``kernel`` is a readable x86 bzImage (and initrd readable);
-    returns the image's version string (empty if it has none)."""
-    if not kernel.exists():
-        raise KexecImageError(f"kernel image {kernel} does not exist; pass --kernel PATH to a bzImage")
-    if not kernel.is_file():
-        raise KexecImageError(f"kernel image {kernel} is not a regular file")
-    try:
-        with open(kernel, "rb") as f:
-            head = f.read(0x210)
-    except OSError as exc:
-        raise KexecImageError(f"cannot read kernel image {kernel}: {exc.strerror}") from None
-    # x86 boot protocol: "HdrS" at 0x202 and the 0xAA55 boot flag at 0x1FE
-    if len(head) < 0x206 or head[0x202:0x206] != b"HdrS" or head[0x1FE:0x200] != b"\x55\xaa":
-        raise KexecImageError(
-            f"kernel image {kernel} is not an x86 bzImage (no 'HdrS' boot header): pass the "
-            "bzImage from arch/x86/boot/bzImage or /boot/vmlinuz-*"
-        )
-    if initrd is not None:
-        if not initrd.is_file():
-            raise KexecImageError(f"initrd {initrd} does not exist or is not a regular file")
-        try:
-            with open(initrd, "rb"):
-                pass
-        except OSError as exc:
-            raise KexecImageError(f"cannot read initrd {initrd}: {exc.strerror}") from None
-    return bzimage_version(kernel)
-
-
-def bzimage_version(kernel: Path) -> str:
-    """The kernel_version string of an x86 bzImage (boot protocol: u16 at 0x20E, +0x200)."""
-    try:
-        with open(kernel, "rb") as f:
-            f.seek(0x20E)
-            (ptr,) = struct.unpack("<H", f.read(2))
-            if not ptr:
-                return ""
-            f.seek(0x200 + ptr)
-            raw = f.read(256)
-    except (OSError, struct.error):
-        return ""
-    return raw.split(b"\0", 1)[0].decode(errors="replace").strip()
 
 
 def print_summary(result: dict, out=None) -> None:

@@ -1,6 +1,7 @@
 """Workflow `luoagent vm start|list|stop`: run QEMU VMs whose RAM is a memfd LUO can preserve.
 
-Each VM has a state directory (record vm.json, QMP socket, logs); `update` reads the records."""
+Each VM has a VM directory (record vm.json, QMP socket, logs) inside the VM root; `update`
+reads the records."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from pathlib import Path
 
 from luoagent import log
 from luoagent import manifest, memfd
-from luoagent.adapters import qemu
+from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
 from luoagent.adapters import procfs
 from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
-#: where VM state directories live unless --root / $LUOAGENT_VM_ROOT says otherwise
-DEFAULT_ROOT = Path("/run/luoagent/vms")
-ROOT_ENV = "LUOAGENT_VM_ROOT"
+#: the VM root (one VM directory per VM) unless --vm-root / $LUOAGENT_VM_ROOT says otherwise
+DEFAULT_VM_ROOT = Path("/run/luoagent/vms")
+VM_ROOT_ENV = "LUOAGENT_VM_ROOT"
 RECORD_FILE = "vm.json"
 RECORD_SCHEMA = 1
 RAM_BACKEND_ID = "ram0"
@@ -44,7 +45,7 @@ class VmRecord:
     argv: list[str] = field(default_factory=list)  # everything after the binary except -qmp
     memory: int = 0
     smp: int = 1
-    state_dir: str = ""
+    vm_dir: str = ""
     qmp_socket: str = ""
     serial_log: str | None = None
     log: str = ""
@@ -73,7 +74,7 @@ def validate_name(name: str) -> str:
 def vm_root(explicit: str | os.PathLike | None = None) -> Path:
     if explicit:
         return Path(explicit)
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+    return Path(os.environ.get(VM_ROOT_ENV) or DEFAULT_VM_ROOT)
 
 
 def _prepare_dir(path: Path) -> None:
@@ -82,13 +83,13 @@ def _prepare_dir(path: Path) -> None:
         os.chmod(path, 0o700)
     except PermissionError as exc:
         raise UsageError(
-            f"cannot create state directory {path}: {exc.strerror}; run as root or pass "
-            f"--root / --state-dir (or set ${ROOT_ENV}) to a directory you own"
+            f"cannot create VM directory {path}: {exc.strerror}; run as root or pass "
+            f"--vm-root / --vm-dir (or set ${VM_ROOT_ENV}) to a directory you own"
         ) from exc
 
 
-def record_path(state_dir: Path) -> Path:
-    return state_dir / RECORD_FILE
+def record_path(vm_dir: Path) -> Path:
+    return vm_dir / RECORD_FILE
 
 
 def load_record(name: str, root: str | os.PathLike | None = None) -> VmRecord:
@@ -113,40 +114,40 @@ def _record_from(data: dict, path: Path) -> VmRecord:
         raise UsageError(f"VM record {path} lacks a name or pid")
     known = set(VmRecord.__dataclass_fields__)
     record = VmRecord(**{k: v for k, v in data.items() if k in known})
-    if not record.state_dir:
-        record.state_dir = str(path.parent)
+    if not record.vm_dir:
+        record.vm_dir = str(path.parent)
     if not record.memory:
         record.memory = sum(int(r.get("size", 0)) for r in record.ram)
     return record
 
 
 def _write_record(record: VmRecord) -> None:
-    sdir = Path(record.state_dir)
+    sdir = Path(record.vm_dir)
     tmp = record_path(sdir).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
     os.replace(tmp, record_path(sdir))
 
 
 def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv: list[str],
-                      ram: list[dict], log: str, state_dir: str | os.PathLike) -> VmRecord:
+                      ram: list[dict], log: str, vm_root: str | os.PathLike) -> VmRecord:
     """Record a VM that `restore` brought back so `vm list`/`vm stop` manage it again.
 
-    ``state_dir`` is the root of VM state directories (``ROOT``); the record goes in ROOT/NAME."""
+    ``vm_root``: the VM root; the record goes in VM_ROOT/NAME."""
     validate_name(name)
-    sdir = Path(state_dir) / name
+    sdir = Path(vm_root) / name
     _prepare_dir(sdir)
     serial = next((a[len("file:"):] for prev, a in zip(argv, argv[1:])
                    if prev == "-serial" and a.startswith("file:")), None)
     smp_arg = next((a for prev, a in zip(argv, argv[1:]) if prev == "-smp"), "1")
     smp_match = re.match(r"^(?:cpus=)?(\d+)", smp_arg)
     try:
-        version = qemu.qemu_version(binary)
+        version = qemu_binary.qemu_version(binary)
     except QemuError:
         version = ""
     record = VmRecord(
         name=name, pid=int(pid), qemu=str(binary), qemu_version=version, argv=list(argv),
         memory=sum(int(r.get("size", 0)) for r in ram), smp=int(smp_match.group(1)) if smp_match else 1,
-        state_dir=str(sdir), qmp_socket=str(qmp_socket), serial_log=serial, log=str(log),
+        vm_dir=str(sdir), qmp_socket=str(qmp_socket), serial_log=serial, log=str(log),
         ram=[dict(r) for r in ram], created_ns=time.time_ns(), restored=True,
     )
     _write_record(record)
@@ -193,7 +194,7 @@ def start_vm(
     *,
     smp: int = 1,
     binary: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None,
+    vm_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     accel: str = "tcg",
     timeout: float = 30.0,
@@ -206,9 +207,9 @@ def start_vm(
     if smp < 1:
         raise UsageError(f"--smp {smp}: need at least one vCPU")
     _reject_conflicting_args(qemu_args)
-    binary = qemu.find_qemu(binary)
-    version = qemu.qemu_version(binary)
-    probe = qemu.probe_cpr(binary)
+    binary = qemu_binary.find_qemu(binary)
+    version = qemu_binary.qemu_version(binary)
+    probe = qemu_binary.probe_cpr(binary)
     if not probe.usable:
         raise QemuError(
             f"QEMU {version} at {binary} lacks cpr-reboot/x-ignore-shared ({probe.details}); "
@@ -216,7 +217,7 @@ def start_vm(
         )
 
     base = vm_root(root)
-    sdir = Path(state_dir) if state_dir else base / name
+    sdir = Path(vm_dir) if vm_dir else base / name
     if sdir != base / name:
         _prepare_dir(base)
     _prepare_dir(sdir)
@@ -237,21 +238,21 @@ def start_vm(
         argv = ["-name", name, "-accel", accel, "-m", f"{memory}B", "-smp", str(smp)]
         if probe.fdset_mem_backend:
             argv += ["-add-fd", f"fd={ram},set={RAM_FDSET}"]
-            argv += qemu.ram_backend_args(RAM_BACKEND_ID, memory, fdset=RAM_FDSET)
+            argv += qemu_ram.ram_backend_args(RAM_BACKEND_ID, memory, fdset=RAM_FDSET)
         else:
-            argv += qemu.ram_backend_args(RAM_BACKEND_ID, memory, fd=ram)
+            argv += qemu_ram.ram_backend_args(RAM_BACKEND_ID, memory, fd=ram)
         if not _has_any(qemu_args, "-display", "-nographic"):
             argv += ["-display", "none"]
         if serial is not None:
             argv += ["-serial", f"file:{serial}"]
         argv += list(qemu_args)
-        proc = qemu.launch(binary, argv, pass_fds=[ram], qmp_socket=sock, log=qemu_log, daemon=True)
+        proc = qemu_binary.launch(binary, argv, pass_fds=[ram], qmp_socket=sock, log=qemu_log, daemon=True)
         logger.info("QEMU started", vm=name, pid=proc.pid, memory=memory)
         try:
-            status, backends = qemu.run_sync(_check_started(proc, sock, timeout))
+            status, backends = qmp_client.run_sync(_check_started(proc, sock, timeout))
         except (QemuError, VmNotPreservable) as exc:
-            qemu.kill_process(proc)
-            tail = qemu.log_tail(qemu_log)
+            qemu_binary.kill_process(proc)
+            tail = qemu_binary.log_tail(qemu_log)
             _remove_state(sdir)
             if sdir != link:
                 link.unlink(missing_ok=True)
@@ -261,12 +262,12 @@ def start_vm(
 
     record = VmRecord(
         name=name, pid=proc.pid, qemu=str(binary), qemu_version=version, argv=argv, memory=memory,
-        smp=smp, state_dir=str(sdir), qmp_socket=str(sock), serial_log=str(serial) if serial else None,
+        smp=smp, vm_dir=str(sdir), qmp_socket=str(sock), serial_log=str(serial) if serial else None,
         log=str(qemu_log), ram=[{"id": b.id, "size": b.size, "fd": b.qemu_fd} for b in backends],
         created_ns=time.time_ns(),
     )
     _write_record(record)
-    logger.info("VM running", vm=name, status=status, state_dir=str(sdir))
+    logger.info("VM running", vm=name, status=status, vm_dir=str(sdir))
     return record
 
 
@@ -301,9 +302,9 @@ def _refuse_running_duplicate(name: str, base: Path) -> None:
 
 
 async def _check_started(proc, sock: Path, timeout: float):
-    async with await qemu.Qmp.connect(sock, timeout=timeout, process=proc) as q:
+    async with await qmp_client.Qmp.connect(sock, timeout=timeout, process=proc) as q:
         status = await q.status()
-        backends = await qemu.ram_backends(proc.pid, q)
+        backends = await qemu_ram.ram_backends(proc.pid, q)
         return status, backends
 
 
@@ -314,11 +315,11 @@ def vm_status(record: VmRecord, timeout: float = 3.0) -> str:
         return "dead"
 
     async def ask():
-        async with await qemu.Qmp.connect(record.qmp_socket, timeout=timeout) as q:
+        async with await qmp_client.Qmp.connect(record.qmp_socket, timeout=timeout) as q:
             return await q.status(timeout=timeout)
 
     try:
-        return qemu.run_sync(ask())
+        return qmp_client.run_sync(ask())
     except QemuError:
         return "unreachable"
 
@@ -326,7 +327,7 @@ def vm_status(record: VmRecord, timeout: float = 3.0) -> str:
 def describe(record: VmRecord) -> dict:
     return {"name": record.name, "pid": record.pid, "status": vm_status(record),
             "memory": record.memory, "smp": record.smp, "qmp_socket": record.qmp_socket,
-            "state_dir": record.state_dir, "serial_log": record.serial_log,
+            "vm_dir": record.vm_dir, "serial_log": record.serial_log,
             "session": record.session_name, "qemu_version": record.qemu_version}
 
 
@@ -338,7 +339,7 @@ def stop_vm(name: str, *, root: str | os.PathLike | None = None, force: bool = F
     how = "already gone"
     if is_vm_process(record):
         try:
-            qemu.run_sync(_quit(record.qmp_socket, timeout=min(timeout, 5.0)))
+            qmp_client.run_sync(_quit(record.qmp_socket, timeout=min(timeout, 5.0)))
             how = "quit via QMP"
         except QmpUnreachable as exc:
             if not force:
@@ -355,7 +356,7 @@ def stop_vm(name: str, *, root: str | os.PathLike | None = None, force: bool = F
                 deadline = time.monotonic() + timeout
             time.sleep(0.05)
     base = vm_root(root)
-    _remove_state(Path(record.state_dir))
+    _remove_state(Path(record.vm_dir))
     link = base / name
     if link.is_symlink():
         link.unlink()
@@ -363,7 +364,7 @@ def stop_vm(name: str, *, root: str | os.PathLike | None = None, force: bool = F
 
 
 async def _quit(sock: str, timeout: float) -> None:
-    async with await qemu.Qmp.connect(sock, timeout=timeout) as q:
+    async with await qmp_client.Qmp.connect(sock, timeout=timeout) as q:
         await q.quit(timeout=timeout)
 
 
@@ -381,13 +382,13 @@ def _kill(pid: int) -> None:
         os.close(pidfd)
 
 
-#: files `vm start` creates in a state directory; only these are ever deleted
+#: files `vm start` creates in a VM directory; only these are ever deleted
 STATE_FILES = (RECORD_FILE, RECORD_FILE.replace(".json", ".tmp"), "qmp.sock", "qemu.log", "serial.log")
 
 
 def _remove_state(path: Path) -> None:
-    """Remove luoagent's files from a state directory (never anything else), then the
-    directory if that left it empty; a symlink ROOT/NAME -> --state-dir is just unlinked."""
+    """Remove luoagent's files from a VM directory (never anything else), then the
+    directory if that left it empty; a symlink VM_ROOT/NAME -> --vm-dir is just unlinked."""
     if path.is_symlink():
         path.unlink()
         return
@@ -417,7 +418,8 @@ class _QemuArgsParser(argparse.ArgumentParser):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", help=f"directory of VM state directories (default ${ROOT_ENV} or {DEFAULT_ROOT})")
+    parser.add_argument("--vm-root", "--root", dest="root",
+                        help=f"the VM root: directory holding one directory per VM (default ${VM_ROOT_ENV} or {DEFAULT_VM_ROOT})")
     sub = parser.add_subparsers(dest="vm_action", metavar="ACTION", parser_class=_QemuArgsParser)
     sub.required = True
 
@@ -428,11 +430,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", required=True, help="guest RAM, e.g. 512M or 2G")
     p.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
     p.add_argument("--qemu", help="qemu-system-x86_64 to use (default $LUOAGENT_QEMU or PATH)")
-    p.add_argument("--state-dir", help="this VM's state directory (default ROOT/NAME)")
+    p.add_argument("--vm-dir", help="this VM's own directory (default VM_ROOT/NAME; linked from there)")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for QMP (default 30)")
     p.add_argument("--json", action="store_true", help="print the VM record as JSON")
-    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--state-dir DIR] [--json] [-- QEMU_ARGS...]"
+    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--vm-dir DIR] [--json] [-- QEMU_ARGS...]"
     p.epilog = "QEMU_ARGS: further QEMU options after '--', e.g. -- -machine pc -kernel guest.elf"
 
     p = sub.add_parser("list", help="list VMs with their QMP status")
@@ -447,8 +449,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.vm_action == "start":
         qemu_args = list(args.qemu_args)
-        record = start_vm(args.name, qemu.parse_size(args.memory), qemu_args, smp=args.smp,
-                          binary=args.qemu, state_dir=args.state_dir, root=args.root,
+        record = start_vm(args.name, qemu_ram.parse_size(args.memory), qemu_args, smp=args.smp,
+                          binary=args.qemu, vm_dir=args.vm_dir, root=args.root,
                           accel=args.accel, timeout=args.timeout)
         if args.json:
             print(json.dumps({"ok": True, **asdict(record)}))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from luoagent import memfd
-from luoagent.adapters import qemu
-from luoagent.workflows.lab import guest
+from luoagent.adapters import cpr, procfs, qemu_binary, qemu_ram, qmp_client
+from luoagent.lab import guest
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(300)]
 
@@ -30,7 +30,7 @@ def guest_argv(elf: Path, ram_fd: int, serial: Path) -> list[str]:
     return [
         "-machine", "pc", "-accel", "tcg", "-m", str(RAM_SIZE // (1024 * 1024)),
         "-nodefaults", "-display", "none", "-kernel", str(elf), "-serial", f"file:{serial}",
-        *qemu.ram_backend_args("ram0", RAM_SIZE, fd=ram_fd),
+        *qemu_ram.ram_backend_args("ram0", RAM_SIZE, fd=ram_fd),
     ]
 
 
@@ -52,7 +52,7 @@ def test_cpr_reboot_roundtrip_keeps_ram_in_place(lab_qemu, guest_elf, tmp_path):
         asyncio.run(_roundtrip(lab_qemu, guest_elf, tmp_path, ram, vmstate, procs))
     finally:
         for proc in procs:
-            qemu.kill_process(proc)
+            qemu_binary.kill_process(proc)
         os.close(ram)
         os.close(vmstate)
 
@@ -62,10 +62,10 @@ async def _roundtrip(binary, elf, tmp, ram, vmstate, procs):
 
     # --- source QEMU runs the guest -----------------------------------------------------
     t0 = time.monotonic()
-    src = qemu.launch(binary, guest_argv(elf, ram, serial1), pass_fds=[ram],
+    src = qemu_binary.launch(binary, guest_argv(elf, ram, serial1), pass_fds=[ram],
                       qmp_socket=tmp / "src.sock", log=tmp / "src.log")
     procs.append(src)
-    async with await qemu.Qmp.connect(tmp / "src.sock", timeout=20, process=src) as q:
+    async with await qmp_client.Qmp.connect(tmp / "src.sock", timeout=20, process=src) as q:
         t_qmp = time.monotonic() - t0
         assert await q.status() == "running"
         await wait_for(lambda: guest.read_state(ram).magic_ok and guest.read_state(ram).ticks >= 1,
@@ -73,10 +73,10 @@ async def _roundtrip(binary, elf, tmp, ram, vmstate, procs):
         # the canary goes in while the guest runs; the guest never touches 16..48 MiB
         memfd.write_pattern(ram, guest.CANARY_OFFSET, guest.CANARY_SIZE, CANARY_SEED)
 
-        backends = await qemu.ram_backends(src.pid, q)
+        backends = await qemu_ram.ram_backends(src.pid, q)
         assert [(b.id, b.size, b.share, b.qemu_fd) for b in backends] == [("ram0", RAM_SIZE, True, ram)]
         assert backends[0].target.startswith("/memfd:luoagent-test-ram")
-        stolen = qemu.steal_fd(src.pid, backends[0].qemu_fd)
+        stolen = procfs.steal_fd(src.pid, backends[0].qemu_fd)
         try:
             assert os.fstat(stolen).st_ino == os.fstat(ram).st_ino
         finally:
@@ -91,7 +91,7 @@ async def _roundtrip(binary, elf, tmp, ram, vmstate, procs):
         finally:
             os.close(writer)  # QEMU holds its own copy now
         assert added["fdset-id"] == 5
-        saved = await q.cpr_reboot_save("file:/dev/fdset/5", timeout=60)
+        saved = await cpr.save(q, "file:/dev/fdset/5", timeout=60)
         t_saved = time.monotonic()
         assert saved["status"] == "completed"
         assert await q.status() == "postmigrate"
@@ -102,10 +102,10 @@ async def _roundtrip(binary, elf, tmp, ram, vmstate, procs):
 
     # --- a new QEMU resumes from the same RAM memfd + the vmstate memfd ------------------
     t1 = time.monotonic()
-    dst = qemu.launch(binary, [*guest_argv(elf, ram, serial2), "-incoming", "defer"],
+    dst = qemu_binary.launch(binary, [*guest_argv(elf, ram, serial2), "-incoming", "defer"],
                       pass_fds=[ram], qmp_socket=tmp / "dst.sock", log=tmp / "dst.log")
     procs.append(dst)
-    async with await qemu.Qmp.connect(tmp / "dst.sock", timeout=20, process=dst) as q:
+    async with await qmp_client.Qmp.connect(tmp / "dst.sock", timeout=20, process=dst) as q:
         t_qmp2 = time.monotonic() - t1
         assert await q.status() == "inmigrate"
         reader = memfd.reopen(vmstate, os.O_RDONLY)
@@ -113,7 +113,7 @@ async def _roundtrip(binary, elf, tmp, ram, vmstate, procs):
             await q.add_fd(reader, 6)
         finally:
             os.close(reader)
-        loaded = await q.cpr_reboot_load("file:/dev/fdset/6", timeout=60)
+        loaded = await cpr.load(q, "file:/dev/fdset/6", timeout=60)
         assert loaded["status"] == "completed"
         assert await q.status() == "paused"  # the source was stopped before its save
         resumed = guest.read_state(ram)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from luoagent import memfd
-from luoagent.adapters import qemu
-from luoagent.workflows.lab import guest
+from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
+from luoagent.lab import guest
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(600)]
 
@@ -66,7 +66,7 @@ def start_vm(binary, elf, tmp: Path, name: str, kind: str = "memfd") -> Vm:
     fd = None
     if kind == "memfd":
         fd = memfd.create(f"luoagent-test-{name}", RAM)
-        argv = base + qemu.ram_backend_args("ram0", RAM, fd=fd)
+        argv = base + qemu_ram.ram_backend_args("ram0", RAM, fd=fd)
     elif kind == "private":  # share=off over a memfd: QEMU maps it privately
         fd = memfd.create(f"luoagent-test-{name}", RAM)
         argv = base + ["-object", f"memory-backend-file,id=ram0,size={RAM},mem-path=/proc/self/fd/{fd},share=off",
@@ -78,7 +78,7 @@ def start_vm(binary, elf, tmp: Path, name: str, kind: str = "memfd") -> Vm:
                        "-machine", "memory-backend=ram0"]
     else:
         raise ValueError(kind)
-    proc = qemu.launch(binary, argv, pass_fds=[fd] if fd is not None else [], qmp_socket=sock,
+    proc = qemu_binary.launch(binary, argv, pass_fds=[fd] if fd is not None else [], qmp_socket=sock,
                        log=tmp / f"{name}.log")
     vm = Vm(name, proc, sock, fd if kind == "memfd" else None)
     if kind == "memfd":
@@ -103,18 +103,18 @@ def vms(lab_qemu, guest_elf, tmp_path):
 
     yield make
     for vm in started:
-        qemu.kill_process(vm.proc)
+        qemu_binary.kill_process(vm.proc)
         if vm.ram_fd is not None:
             os.close(vm.ram_fd)
 
 
 async def _status(vm: Vm) -> str:
-    async with await qemu.Qmp.connect(vm.sock, timeout=30, process=vm.proc) as q:
+    async with await qmp_client.Qmp.connect(vm.sock, timeout=30, process=vm.proc) as q:
         return await q.status()
 
 
 async def _qemu_state(vm: Vm) -> dict:
-    async with await qemu.Qmp.connect(vm.sock, timeout=30, process=vm.proc) as q:
+    async with await qmp_client.Qmp.connect(vm.sock, timeout=30, process=vm.proc) as q:
         return {
             "status": await q.status(),
             "migrate": await q.execute("query-migrate"),
@@ -220,7 +220,7 @@ def test_rollback_leaves_a_paused_vm_paused(vms, kernel_image):
     a, b = vms("a"), vms("b")
 
     async def pause():
-        async with await qemu.Qmp.connect(b.sock, timeout=30, process=b.proc) as q:
+        async with await qmp_client.Qmp.connect(b.sock, timeout=30, process=b.proc) as q:
             await q.stop()
 
     asyncio.run(pause())
@@ -301,16 +301,16 @@ def test_rescue_image_is_a_cpr_reboot_checkpoint_a_plain_qemu_loads(vms, lab_qem
     import signal
 
     from luoagent import manifest as mf
-    from luoagent.workflows import restore, update
+    from luoagent.workflows import restore
 
     a = vms("a")
     seed = 0x5EED
     memfd.write_pattern(a.ram_fd, guest.CANARY_OFFSET, guest.CANARY_SIZE, seed)
-    _binary, argv = update.qemu_cmdline(a.proc.pid)
+    _binary, argv = qemu_binary.qemu_cmdline(a.proc.pid)
     vmstate = memfd.create("luoagent-test-vmstate")
 
     async def checkpoint():
-        async with await qemu.Qmp.connect(a.sock, timeout=30, process=a.proc) as q:
+        async with await qmp_client.Qmp.connect(a.sock, timeout=30, process=a.proc) as q:
             w = memfd.reopen(vmstate, os.O_WRONLY)
             try:
                 await q.add_fd(w, 9)
@@ -318,7 +318,7 @@ def test_rescue_image_is_a_cpr_reboot_checkpoint_a_plain_qemu_loads(vms, lab_qem
                 os.close(w)
             stopped_ns = time.time_ns()
             await q.stop()
-            await q.cpr_reboot_save("file:/dev/fdset/9")
+            await cpr.save(q, "file:/dev/fdset/9")
             saved_ns = time.time_ns()
             await q.quit()
         return stopped_ns, saved_ns
@@ -326,7 +326,7 @@ def test_rescue_image_is_a_cpr_reboot_checkpoint_a_plain_qemu_loads(vms, lab_qem
     stopped_ns, saved_ns = asyncio.run(checkpoint())
     a.proc.wait(10)
     at_stop = guest.read_state(a.ram_fd)
-    record = mf.VmRecord(
+    record = mf.PreservedVm(
         name="a", binary=str(lab_qemu), argv=argv, qmp_socket=str(a.sock),
         ram=[mf.RamRecord(id="ram0", size=RAM, token=1)],
         vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=memfd.size(vmstate)),
@@ -342,7 +342,7 @@ def test_rescue_image_is_a_cpr_reboot_checkpoint_a_plain_qemu_loads(vms, lab_qem
     os.close(a.ram_fd)
     a.ram_fd = None
 
-    opts = restore.RestoreOptions(qemu=str(lab_qemu), state_dir=tmp_path / "vms", timeout=60)
+    opts = restore.RestoreOptions(qemu=str(lab_qemu), vm_root=tmp_path / "vms", timeout=60)
     result = restore.restore_from_rescue(rescue_dir, opts)
     [v] = result["vms"]
     try:

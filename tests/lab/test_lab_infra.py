@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from luoagent.errors import ScenarioFailed, UsageError
-from luoagent.workflows.lab import boot
-from luoagent.workflows.lab.ktap import KtapStream, to_junit
-from luoagent.workflows.lab.scenarios import discover, resolve, smoke
+from luoagent.lab import boot
+from luoagent.lab.ktap import KtapStream, to_junit
+from luoagent.lab.scenarios import discover, resolve, smoke
 
 
 # --- real lab VM --------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_cli_lab_list_json_names_every_scenario():
 
 
 def test_debug_switches_parse_to_ctx_debug():
-    from luoagent.workflows.lab.cli import parse_debug
+    from luoagent.lab.cli import parse_debug
 
     assert parse_debug(["corrupt", "size=0x10", "mode=fast"]) == {"corrupt": True, "size": 16, "mode": "fast"}
     with pytest.raises(UsageError, match="bad --debug"):
@@ -206,7 +206,7 @@ def test_kernel_selftests_run_in_the_lab_beside_our_ktap(lab):
     # the kselftest harness's own results become ours, one per kernel test case
     assert sum(1 for t in single.tests if t.description.startswith("liveupdate: liveupdate_device.")) >= 10
     two_stage = result.scenario("luo_kexec_simple")
-    from luoagent.workflows.lab.selftests import SELFTESTS
+    from luoagent.lab.selftests import SELFTESTS
 
     spec = next(s for s in SELFTESTS if s["name"] == "luo_kexec_simple")
     assert [t.description for t in two_stage.tests] == [
@@ -217,7 +217,7 @@ def test_kernel_selftests_run_in_the_lab_beside_our_ktap(lab):
 
 # --- StageContext (pure logic: the runner's side is faked with lists) ---------------------
 def _ctx(debug=None):
-    from luoagent.workflows.lab.stage import PersistentState, StageContext
+    from luoagent.lab.stage import PersistentState, StageContext
 
     lines, results, saves = [], [], []
     state = PersistentState({}, lambda: saves.append(1))
@@ -272,7 +272,7 @@ def test_persistent_state_saves_on_every_top_level_change():
 
 
 def test_run_all_orders_scenarios_by_memory_size():
-    from luoagent.workflows.lab.cli import _memory_bytes
+    from luoagent.lab.cli import _memory_bytes
 
     assert [_memory_bytes(m) for m in ("1G", "512M", "3g", "2048")] == [1 << 30, 512 << 20, 3 << 30, 2048 << 20]
     assert sorted(["3G", "1G", "512M", "1G"], key=_memory_bytes) == ["512M", "1G", "1G", "3G"]

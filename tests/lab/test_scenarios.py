@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from luoagent.workflows.lab.scenarios import memfd_basic
+from luoagent.lab.scenarios import memfd_basic
 
 pytestmark = pytest.mark.lab
 

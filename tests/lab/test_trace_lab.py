@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from luoagent.workflows.lab.scenarios import trace_luo as sc
+from luoagent.lab.scenarios import trace_luo as sc
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from luoagent.workflows.lab.scenarios import vm_update as sc
+from luoagent.lab.scenarios import vm_update as sc
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 

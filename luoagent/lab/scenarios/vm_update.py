@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from luoagent.workflows.lab.scenarios._common import agent_env
+from luoagent import testmode
+from luoagent.lab.scenarios._common import agent_env
 
 NAME = "vm-update"
 DESCRIPTION = "two VMs across a real kexec with luoagent update/restore; rollback; manifest errors"
@@ -60,7 +61,7 @@ def luoagent(*args: str, fault: str = "", stdout=None, stderr=None, timeout: flo
     """Run the agent's CLI like a user would."""
     env = agent_env()
     if fault:
-        env["LUOAGENT_FAULT"] = fault
+        env[testmode.FAULT_ENV] = fault
     kw = {"stdout": stdout, "stderr": stderr} if stdout is not None else {"capture_output": True}
     return subprocess.run([sys.executable, "-m", "luoagent", *args], text=True, env=env, timeout=timeout, **kw)
 
@@ -87,8 +88,8 @@ def _serial(vm: str) -> Path:
 def start_guest(vm: str, seed: int) -> dict:
     """Start one counter guest whose RAM is a memfd (memory-backend-file, share=on)."""
     from luoagent import memfd
-    from luoagent.adapters import qemu
-    from luoagent.workflows.lab import guest
+    from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
+    from luoagent.lab import guest
 
     if vm == STARTED_BY_LUOAGENT:
         r = luoagent("vm", "start", vm, "--memory", f"{VM_RAM >> 20}M", "--json", "--",
@@ -101,14 +102,14 @@ def start_guest(vm: str, seed: int) -> dict:
         fd = memfd.create(f"luoagent-lab-{vm}", VM_RAM)
         argv = ["-machine", "pc", "-accel", "tcg", "-m", str(VM_RAM >> 20), "-nodefaults", "-display", "none",
                 "-kernel", str(_guest_elf()), "-serial", f"file:{_serial(vm)}",
-                *qemu.ram_backend_args("ram0", VM_RAM, fd=fd)]
-        proc = qemu.launch(qemu.find_qemu(), argv, pass_fds=[fd], qmp_socket=_sock(vm),
+                *qemu_ram.ram_backend_args("ram0", VM_RAM, fd=fd)]
+        proc = qemu_binary.launch(qemu_binary.find_qemu(), argv, pass_fds=[fd], qmp_socket=_sock(vm),
                            log=_dir(vm) / "qemu.log", daemon=True)
         os.close(fd)  # QEMU holds the RAM; the update takes it from QEMU with pidfd_getfd
         pid = proc.pid
 
         async def qmp_up():
-            async with await qemu.Qmp.connect(_sock(vm), timeout=60, process=proc):
+            async with await qmp_client.Qmp.connect(_sock(vm), timeout=60, process=proc):
                 pass
 
         asyncio.run(qmp_up())
@@ -129,15 +130,15 @@ def start_guest(vm: str, seed: int) -> dict:
 
 async def _ram_fd_of(sock: Path) -> tuple[int, int]:
     """(pid, our fd on its RAM memfd) of the QEMU behind a QMP socket."""
-    from luoagent.adapters import qemu
+    from luoagent.adapters import procfs, qemu_ram, qmp_client
     from luoagent.workflows.update import peer_pid
 
     pid = peer_pid(sock)
-    async with await qemu.Qmp.connect(sock, timeout=30) as q:
-        [backend] = await qemu.inspect_ram(pid, q)
+    async with await qmp_client.Qmp.connect(sock, timeout=30) as q:
+        [backend] = await qemu_ram.inspect_ram(pid, q)
         if backend.qemu_fd is None:  # RAM in a named file (a VM restored from a rescue image)
             return pid, os.open(backend.mem_path, os.O_RDONLY | os.O_CLOEXEC)
-        return pid, qemu.steal_fd(pid, backend.qemu_fd)
+        return pid, procfs.steal_fd(pid, backend.qemu_fd)
 
 
 def ram_fd_of(sock: Path) -> tuple[int, int]:
@@ -145,14 +146,14 @@ def ram_fd_of(sock: Path) -> tuple[int, int]:
 
 
 async def _status(sock: Path) -> str:
-    from luoagent.adapters import qemu
+    from luoagent.adapters import qmp_client
 
-    async with await qemu.Qmp.connect(sock, timeout=30) as q:
+    async with await qmp_client.Qmp.connect(sock, timeout=30) as q:
         return await q.status()
 
 
 def counters_rising(ctx, case: str) -> bool:
-    from luoagent.workflows.lab import guest
+    from luoagent.lab import guest
 
     good = True
     for vm in VMS:
@@ -193,7 +194,7 @@ def sessions_free(ctx, case: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 def stage_update(ctx) -> None:
-    from luoagent.workflows.lab import guest
+    from luoagent.lab import guest
 
     st = ctx.state.setdefault(KEY, {})
     st["boot_id"] = ctx.boot_id
@@ -226,7 +227,7 @@ def stage_update(ctx) -> None:
 
 def stage_restore(ctx) -> None:
     from luoagent import memfd
-    from luoagent.workflows.lab import guest
+    from luoagent.lab import guest
 
     st = ctx.state[KEY]
     ctx.check(ctx.boot_id != st["boot_id"], UPDATE_KEXECED, f"boot id still {ctx.boot_id}")
@@ -349,11 +350,11 @@ def stage_restore(ctx) -> None:
 
 
 def _stop_guests() -> None:
-    from luoagent.adapters import qemu
+    from luoagent.adapters import qmp_client
 
     async def quit_one(vm):
         try:
-            async with await qemu.Qmp.connect(_sock(vm), timeout=10) as q:
+            async with await qmp_client.Qmp.connect(_sock(vm), timeout=10) as q:
                 await q.quit()
         except Exception:
             pass

@@ -1,6 +1,6 @@
 """Registry of lab scenarios: every module in this package with NAME and stages() is one.
 
-A scenario (see TEAM.md) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT, and stages()."""
+A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT, and stages()."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import secrets
 
 from luoagent import memfd
 from luoagent.luo import LiveUpdate
-from luoagent.workflows.lab.scenarios._common import check_new_boot
+from luoagent.lab.scenarios._common import check_new_boot
 
 NAME = "memfd-basic"
 DESCRIPTION = "one 4 MiB random memfd in one session: size, file offset and SHA-256 survive kexec"

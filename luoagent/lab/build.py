@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luoagent.errors import LabBuildError, LuoAgentError, UsageError
-from luoagent.workflows.lab import boot, cache, guest, rootfs
-from luoagent.workflows.lab import kernel as kernel_mod
-from luoagent.workflows.lab import selftests as st
-from luoagent.workflows.lab.scenarios import resolve
+from luoagent.lab import boot, cache, guest, rootfs
+from luoagent.lab import kernel as kernel_mod
+from luoagent.lab import selftests as st
+from luoagent.lab.scenarios import resolve
 
 #: a bzImage to use instead of building one (tests and bring-up); --kernel wins over it
 KERNEL_ENV = "LUOAGENT_LAB_KERNEL"

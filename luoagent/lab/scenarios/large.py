@@ -11,7 +11,7 @@ import time
 
 from luoagent import memfd
 from luoagent.luo import LiveUpdate
-from luoagent.workflows.lab.scenarios._common import check_new_boot
+from luoagent.lab.scenarios._common import check_new_boot
 
 NAME = "large"
 DESCRIPTION = "512 MiB random memfd in a 3 GiB VM: SHA-256 equal after kexec; prints timings"

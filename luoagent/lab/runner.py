@@ -96,7 +96,7 @@ class Runner:
             emit(INDENT + "KTAP version 1")
             emit(INDENT + f"# Subtest: {name}")
         try:
-            from luoagent.workflows.lab import scenarios
+            from luoagent.lab import scenarios
 
             stage_fns = list(scenarios.load(item["module"]).stages())
         except Exception:
@@ -150,7 +150,7 @@ class Runner:
         return sc["tests"]
 
     def _context(self, name: str, sc: dict, k: int, count: int):
-        from luoagent.workflows.lab.stage import PersistentState, StageContext
+        from luoagent.lab.stage import PersistentState, StageContext
 
         def save_data() -> None:
             self.save()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from luoagent.errors import UsageError
-from luoagent.workflows.lab import cache, demo
+from luoagent.lab import cache, demo
 
 
 def _common(p: argparse.ArgumentParser, kernel: bool = True) -> None:
@@ -85,7 +85,7 @@ def _progress(args) -> cache.Progress:
 
 
 def _lab(args, selftests: bool = True):
-    from luoagent.workflows.lab.build import build_lab
+    from luoagent.lab.build import build_lab
 
     return build_lab(kernel=getattr(args, "kernel", None), kernel_src=getattr(args, "kernel_src", None),
                      progress=_progress(args), selftests=selftests,
@@ -114,11 +114,11 @@ def run(args) -> int:
         return _lab(args, selftests=False).shell(memory=args.memory)
     if action == "run":
         debug = parse_debug(args.debug)
-        from luoagent.workflows.lab.scenarios import resolve
+        from luoagent.lab.scenarios import resolve
 
         names = list(args.scenarios)
         if args.all:
-            from luoagent.workflows.lab.scenarios import discover
+            from luoagent.lab.scenarios import discover
 
             found = discover()[0]
             extra = [n for n, i in found.items() if (args.slow or not i.slow) and n not in names]
@@ -176,7 +176,7 @@ def _report(args, result) -> int:
 
 
 def _list(args) -> int:
-    from luoagent.workflows.lab.scenarios import discover
+    from luoagent.lab.scenarios import discover
 
     found, broken = discover()
     if args.json:

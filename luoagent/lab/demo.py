@@ -88,8 +88,8 @@ def render(story: dict, passed: bool, duration: float) -> str:
 
 
 def run(args) -> int:
-    from luoagent.workflows.lab import cache
-    from luoagent.workflows.lab.build import build_lab
+    from luoagent.lab import cache
+    from luoagent.lab.build import build_lab
 
     want_json = getattr(args, "json", False)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if want_json else (lambda s: print(s, flush=True))

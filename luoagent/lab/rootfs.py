@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from luoagent.errors import LabBuildError
-from luoagent.workflows.lab import cache, debian
+from luoagent.lab import cache, debian, resources
 
 SUITE = "trixie"
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # .../luoagent
-REPO_ROOT = PACKAGE_ROOT.parent
-RECIPE_DIR = REPO_ROOT / "vm-images"
-CSRC_DIR = REPO_ROOT / "csrc"
-INIT_SOURCE = Path(__file__).resolve().parent / "init"
+PACKAGE_ROOT = resources.PACKAGE_DIR  # .../luoagent
+RECIPE_DIR = resources.VM_IMAGES
+INIT_SOURCE = resources.INIT_SCRIPT
 #: where the init lives inside the rootfs image (the kernel's init= points here)
 INIT_PATH = "/sbin/luoagent-lab-init"
 #: mount point of the run disk inside the VM (created in the tree)
@@ -238,11 +236,10 @@ def build_shim(tree: Path, progress: cache.Progress | None = None, kernel_header
     The C source is emitted by the tree's own cffi (chroot, so it matches the VM's
     _cffi_backend), then compiled by the host's gcc against the tree's Python headers."""
     progress = progress or cache.Progress(quiet=True)
-    if not (CSRC_DIR / "build_shim.py").is_file():
-        raise LabBuildError(f"{CSRC_DIR}/build_shim.py is missing: cannot build the LUO shim for the lab")
+    csrc = resources.csrc_dir()
     suffix = python_ext_suffix(tree)
     kheaders = _kernel_uapi_headers(kernel_headers)
-    art = cache.Artifact("shim", cache.inputs_hash(CSRC_DIR, tree.parent.name, suffix,
+    art = cache.Artifact("shim", cache.inputs_hash(csrc, tree.parent.name, suffix,
                                                    str(kheaders) if kheaders else None))
     so = art / ("_luo_shim" + suffix)
     if so.exists():
@@ -256,7 +253,7 @@ def build_shim(tree: Path, progress: cache.Progress | None = None, kernel_header
             log = tmp / "build.log"
             work = Path(tempfile.mkdtemp(prefix="luoagent-shim-", dir=tree / "tmp"))
             try:
-                shutil.copytree(CSRC_DIR, work / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(csrc, work / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
                 inner = "/" + str(work.relative_to(tree))
                 _run(["chroot", str(tree), "/usr/bin/python3", "-c",
                       "import runpy,sys; ns = runpy.run_path(sys.argv[1]); "
@@ -275,7 +272,7 @@ def build_shim(tree: Path, progress: cache.Progress | None = None, kernel_header
             arch_inc.mkdir(parents=True)
             (arch_inc / pyinc).symlink_to(tree / "usr/include/x86_64-linux-gnu" / pyinc)
             argv = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror=implicit-function-declaration",
-                    "-I", str(CSRC_DIR), "-I", str(tree / "usr/include" / pyinc),
+                    "-I", str(csrc), "-I", str(tree / "usr/include" / pyinc),
                     "-I", str(tmp / "include")]
             if kheaders:
                 argv += ["-I", str(kheaders)]

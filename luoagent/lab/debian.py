@@ -14,7 +14,7 @@ from pathlib import Path
 
 from luoagent import log
 from luoagent.errors import LabBuildError
-from luoagent.workflows.lab.cache import atomic_write, cache_dir
+from luoagent.lab.cache import atomic_write, cache_dir
 
 _log = log.get_logger(__name__)
 

@@ -1,5 +1,5 @@
 # luoguest: a bare-metal x86 test guest that counts in RAM and reports on COM1.
-# Built with GNU as/ld (see guest.ld and luoagent/workflows/lab/guest.py); booted by QEMU
+# Built with GNU as/ld (see guest.ld and luoagent/lab/guest.py); booted by QEMU
 # with `-kernel guest.elf` through its multiboot (v1) loader, entered in 32-bit flat
 # protected mode with interrupts off.
 #

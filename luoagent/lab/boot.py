@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from luoagent.adapters import kexec
 from luoagent.adapters.procfs import pid_alive
-from luoagent.errors import LabBootError, ScenarioFailed, UsageError
-from luoagent.workflows.lab import cache, rootfs
-from luoagent.workflows.lab.ktap import KtapStream, ScenarioResult, TestResult, to_junit
-from luoagent.workflows.lab.scenarios import ScenarioInfo
+from luoagent.errors import KexecImageError, LabBootError, ScenarioFailed, UsageError
+from luoagent.lab import cache, rootfs
+from luoagent.lab.ktap import KtapStream, ScenarioResult, TestResult, to_junit
+from luoagent.lab.scenarios import ScenarioInfo
 
 BOOT_TIMEOUT = 120.0       # QEMU start / kexec -> the runner's "lab-boot" line
 BOOKKEEPING_TIMEOUT = 60.0  # between a stage's end and the next event (kexec load, finish)
@@ -368,15 +369,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def bzimage_release(path: Path) -> str:
     """The kernel release a bzImage announces in its setup header (e.g. "7.2.13")."""
-    with open(path, "rb") as f:
-        head = f.read(0x4000)
-    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
-        raise LabBootError(f"{path} is not an x86 bzImage (no HdrS setup header)")
-    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
-    with open(path, "rb") as f:
-        f.seek(offset)
-        text = f.read(256).split(b"\0", 1)[0].decode(errors="replace")
-    return text.split(" ", 1)[0]
+    try:
+        return kexec.bzimage_version(path).split(" ", 1)[0]
+    except KexecImageError as exc:
+        raise LabBootError(str(exc)) from None
 
 
 def group_by_memory(items: list[RunItem]) -> list[tuple[str, list[RunItem]]]:

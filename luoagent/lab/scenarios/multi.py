@@ -12,7 +12,7 @@ import secrets
 
 from luoagent import memfd
 from luoagent.luo import LiveUpdate
-from luoagent.workflows.lab.scenarios._common import check_new_boot
+from luoagent.lab.scenarios._common import check_new_boot
 
 NAME = "multi"
 DESCRIPTION = "3 sessions (one empty), 6 memfds: zero-size, sparse, sealed, max token; all verified"

@@ -13,7 +13,7 @@ import tempfile
 
 from luoagent import errors, memfd
 from luoagent.luo import LiveUpdate
-from luoagent.workflows.lab.scenarios._common import check_new_boot
+from luoagent.lab.scenarios._common import check_new_boot
 
 NAME = "errors"
 DESCRIPTION = "EBUSY open, duplicate name/token/file, unpreservable fds, bad names, unknown session/token"

@@ -12,10 +12,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from luoagent.lab import resources
 from luoagent.errors import LabBuildError
 
-#: vm-images/guest in the source tree (guest.s + guest.ld)
-GUEST_SOURCE_DIR = Path(__file__).resolve().parents[3] / "vm-images" / "guest"
+#: guest.s + guest.ld (package data: luoagent/lab/vm-images/guest)
+GUEST_SOURCE_DIR = resources.GUEST_SOURCES
 
 #: guest-physical address of the state block; for machine pc with RAM < 3.5 GiB the
 #: guest-physical address equals the byte offset in the RAM backend (memfd)

@@ -5,7 +5,7 @@ LUO program and detaches, attaches to `luoagent update --dry-run` driving a coun
 finally traces a program that preserves a memfd and kexecs by itself (the trace survives on the
 run disk). Stage 2 checks that trace and traces the retrieve/finish in the new kernel.
 
-Run as a program (``python3 -m luoagent.workflows.lab.scenarios.trace_luo MODE``) it is the
+Run as a program (``python3 -m luoagent.lab.scenarios.trace_luo MODE``) it is the
 traced LUO program: modes ``drop``, ``hold``, ``preserve`` and ``retrieve`` (see _PROGRAMS)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from luoagent.workflows.lab.scenarios._common import agent_env
+from luoagent.lab.scenarios._common import agent_env
 
 NAME = "trace"
 DESCRIPTION = "luoagent trace on real LUO: create/preserve, --pid attach + detach, update --dry-run, retrieve after kexec"
@@ -28,7 +28,7 @@ MEMORY = "1G"
 SLOW = False
 TIMEOUT = 400.0
 
-MODULE = "luoagent.workflows.lab.scenarios.trace_luo"
+MODULE = "luoagent.lab.scenarios.trace_luo"
 OUT = Path("/lab/trace")  # the run disk: what stage 1 traced survives its kexec
 KEY = "trace"
 

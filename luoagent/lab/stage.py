@@ -49,7 +49,7 @@ def _one_line(text: str) -> str:
 
 
 class StageContext:
-    """The contract between the lab runner and scenario stages (see TEAM.md "Lab scenarios").
+    """The contract between the lab runner and scenario stages (docs/lab.md "Scenarios").
 
     Attributes: ``state`` (PersistentState), ``debug`` (dict of host --debug switches),
     ``stage`` (0-based index), ``stages`` (count), ``hop`` (kexecs so far in this run),

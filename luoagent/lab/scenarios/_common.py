@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import luoagent
+from luoagent import testmode
+
 #: KTAP description of the "did a kexec really happen" check after a preserve stage
 NEW_BOOT = "a new kernel booted since preserve (boot id changed)"
 
@@ -20,7 +23,7 @@ def agent_env() -> dict:
     """Environment for a child `python3 -m luoagent` (or a helper program) a stage runs: it
     imports this very agent copy, and the stage's fault-injection switches do not leak into it."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[4])
-    for k in ("LUOAGENT_FAULT", "LUOAGENT_TEST_SKIP"):
+    env["PYTHONPATH"] = str(Path(luoagent.__file__).resolve().parents[1])
+    for k in (testmode.FAULT_ENV, testmode.SKIP_ENV):
         env.pop(k, None)
     return env

@@ -17,9 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from luoagent import log
-from luoagent.errors import LabBuildError
-from luoagent.workflows.lab import debian
-from luoagent.workflows.lab.cache import (
+from luoagent.lab import resources
+from luoagent.lab.resources import require
+from luoagent.adapters import kexec
+from luoagent.errors import KexecImageError, LabBuildError
+from luoagent.lab import debian
+from luoagent.lab.cache import (
     Artifact,
     Progress,
     atomic_write,
@@ -53,16 +56,9 @@ _NOT_SET_LINE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 
 # --- config fragments (pure logic, unit-tested) -----------------------------------------------
 def configs_dir() -> Path:
-    """The repository's kernel-configs/ directory."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "kernel-configs"
-        if (candidate / "luo.config").is_file():
-            return candidate
-    raise LabBuildError(
-        f"kernel-configs/luo.config not found above {here}; run luoagent from its source checkout "
-        "(pip install -e .)"
-    )
+    """The lab's kernel config fragments (package data: luoagent/lab/kernel-configs)."""
+    require(resources.KERNEL_CONFIGS / "luo.config", "the kernel config fragment luo.config")
+    return resources.KERNEL_CONFIGS
 
 
 def default_fragments() -> list[Path]:
@@ -183,19 +179,13 @@ def _dependency_hint(src: Path, name: str) -> str:
 
 # --- bzImage ---------------------------------------------------------------------------------
 def validate_bzimage(path: Path) -> Path:
-    """Check ``path`` is an x86 bzImage (boot protocol magic "HdrS" at offset 0x202)."""
+    """``path`` if it is an x86 bzImage (the one header check, `kexec.bzimage_version`), else
+    LabBuildError saying what to pass instead."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            f.seek(0x202)
-            magic = f.read(4)
-    except OSError as exc:
-        raise LabBuildError(f"cannot read kernel image {path}: {exc.strerror}") from exc
-    if magic != b"HdrS":
-        raise LabBuildError(
-            f"{path} is not an x86 bzImage (no 'HdrS' boot header at 0x202); pass the "
-            "arch/x86/boot/bzImage of a kernel build, not vmlinux or a compressed archive"
-        )
+        kexec.bzimage_version(path)
+    except KexecImageError as exc:
+        raise LabBuildError(str(exc)) from None
     return path
 
 
