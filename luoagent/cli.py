@@ -52,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from luoagent import log
+    from luoagent import log, report
 
     log.configure(args.log_format, args.verbose)
     if getattr(args, "_import_error", None) is not None:
-        print(f"luoagent {args.command}: cannot load: {args._import_error}", file=sys.stderr)
+        report.echo(args.command, f"luoagent {args.command}: cannot load: {args._import_error}")
         return 1
     module = importlib.import_module(args._module)
     try:
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             import json
 
             print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
-        print(f"luoagent {args.command}: error: {exc}", file=sys.stderr)
+        report.echo(args.command, f"luoagent {args.command}: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"luoagent {args.command}: interrupted", file=sys.stderr)
+        report.echo(args.command, f"luoagent {args.command}: interrupted")
         return 130
 
 

@@ -9,9 +9,12 @@ import sys
 
 import structlog
 
+from luoagent import report
+
 
 def configure(fmt: str = "auto", verbosity: int = 0) -> None:
     """Configure structlog; ``fmt`` is auto|console|json, ``verbosity`` 0=warning 1=info 2=debug."""
+    report.set_format(fmt)  # progress lines follow an explicit choice of JSON
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"

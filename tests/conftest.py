@@ -14,8 +14,8 @@ _LAB_BUILDS: dict[str, object] = {}   # fixture name -> built value or the LuoAg
 
 
 def _build(name: str):
+    from luoagent.report import Progress
     from luoagent.errors import LuoAgentError
-    from luoagent.lab import cache
     from luoagent.lab.build import build_lab, host_qemu
 
     if name not in _LAB_BUILDS:
@@ -23,9 +23,9 @@ def _build(name: str):
             if name == "lab":
                 # Kernel selftests are built on first lab.run_selftests(), so their build cannot
                 # block scenarios.
-                _LAB_BUILDS[name] = build_lab(progress=cache.Progress("lab", interval=30.0), selftests=False)
+                _LAB_BUILDS[name] = build_lab(progress=Progress("lab", interval=30.0), selftests=False)
             else:
-                _LAB_BUILDS[name] = host_qemu(cache.Progress("lab", interval=30.0))
+                _LAB_BUILDS[name] = host_qemu(Progress("lab", interval=30.0))
         except LuoAgentError as exc:
             _LAB_BUILDS[name] = exc
     return _LAB_BUILDS[name]

@@ -14,7 +14,8 @@ import pytest
 
 from luoagent.errors import LabBuildError
 from luoagent.lab import cache, debian, kernel, selftests
-from luoagent.lab.cache import Artifact, Progress, inputs_hash
+from luoagent.lab.cache import Artifact, inputs_hash
+from luoagent.report import Progress
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from luoagent.report import Progress
 from luoagent.adapters import kexec
 from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import KexecImageError, LabBootError, ScenarioFailed, UsageError
@@ -246,12 +247,12 @@ def _reader(stream, q: queue.Queue) -> None:
 
 def run_chain(*, qemu: Path, kernel: Path, root_image: Path, run_image: Path, items: list[RunItem],
               memory: str, console_log: Path, cmdline_extra: str = "",
-              progress: cache.Progress | None = None, echo=None, accel: str = "tcg",
+              progress: Progress | None = None, echo=None, accel: str = "tcg",
               boot_timeout: float = BOOT_TIMEOUT) -> tuple[KtapStream, list[str], list[str], dict]:
     """Boot one VM, run ``items`` through its kexec chain; returns (ktap, console lines, errors, timings).
 
     Raises LabBootError (with the console tail) if the runner never came up."""
-    progress = progress or cache.Progress(quiet=True)
+    progress = progress or Progress(quiet=True)
     argv = qemu_argv(qemu, kernel, root_image, run_image, memory, kernel_cmdline(cmdline_extra), accel=accel)
     (console_log.parent / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
     timeouts = {i.name: i.timeout for i in items}

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from luoagent.report import Progress
 from luoagent.errors import LabBuildError, LuoAgentError, UsageError
 from luoagent.lab import boot, cache, guest, rootfs
 from luoagent.lab import kernel as kernel_mod
@@ -38,7 +39,7 @@ def _write_wrapper(tree: Path, binary: str, dest: Path) -> Path:
     return dest
 
 
-def host_qemu(progress: cache.Progress | None = None) -> Path:
+def host_qemu(progress: Progress | None = None) -> Path:
     """Path of a wrapper script that runs the rootfs tree's qemu-system-x86_64 on the host.
 
     Builds the rootfs tree first if it is not cached. Also writes ``qemu-img`` beside it when
@@ -78,7 +79,7 @@ class Lab:
                 "timings": {k: round(v, 2) for k, v in self.timings.items()}}
 
     def run(self, scenarios: list[str] | str, debug: dict | None = None, timeout: float | None = None,
-            progress: cache.Progress | None = None, echo=None) -> boot.LabResult:
+            progress: Progress | None = None, echo=None) -> boot.LabResult:
         """Run scenarios by NAME in the lab; ``debug`` becomes ``ctx.debug``; ``timeout`` overrides
         every scenario's per-stage limit (seconds)."""
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
@@ -88,9 +89,9 @@ class Lab:
         return self.run_items(items, debug=debug or {}, progress=progress, echo=echo)
 
     def run_selftests(self, names: list[str] | None = None, timeout: float = 600.0,
-                      progress: cache.Progress | None = None, echo=None) -> boot.LabResult:
+                      progress: Progress | None = None, echo=None) -> boot.LabResult:
         """Run the kernel's own LUO selftests (built from the lab kernel's source) in the lab."""
-        progress = progress or cache.Progress(quiet=True)
+        progress = progress or Progress(quiet=True)
         if self.selftests is None:
             self.selftests = _build_selftests(self.kernel, progress)
         if self.selftests is None:
@@ -112,9 +113,9 @@ class Lab:
             items.append(boot.RunItem("selftest", n, "1G", timeout, steps=steps))
         return self.run_items(items, debug={}, progress=progress, echo=echo)
 
-    def run_items(self, items: list[boot.RunItem], debug: dict, progress: cache.Progress | None = None,
+    def run_items(self, items: list[boot.RunItem], debug: dict, progress: Progress | None = None,
                   echo=None) -> boot.LabResult:
-        progress = progress or cache.Progress(quiet=True)
+        progress = progress or Progress(quiet=True)
         started = time.monotonic()
         run_dir = boot.new_run_dir()
         chains = []
@@ -141,20 +142,20 @@ class Lab:
                 f.write("\n".join(line for _k, lines, _e, _t in chains for line in lines) + "\n")
         return boot.merge(items, chains, console_log, time.monotonic() - started)
 
-    def accelerator(self, progress: cache.Progress | None = None) -> str:
+    def accelerator(self, progress: Progress | None = None) -> str:
         """tcg unless $LUOAGENT_LAB_ACCEL asks for kvm/auto AND a real probe boot under KVM
         reaches the runner (the answer is cached per host kernel and lab kernel)."""
         if self._accel is None:
             wanted = boot.wanted_accelerator()
             self._accel = "tcg"
             if wanted != "tcg" and boot.kvm_capable():
-                self._accel = "kvm" if self._kvm_probe(progress or cache.Progress(quiet=True)) else "tcg"
+                self._accel = "kvm" if self._kvm_probe(progress or Progress(quiet=True)) else "tcg"
             if wanted == "kvm" and self._accel != "kvm" and progress:
                 progress.log("KVM requested but not usable here (no vmx/svm flag or the probe boot "
                              "failed): using TCG")
         return self._accel
 
-    def _kvm_probe(self, progress: cache.Progress) -> bool:
+    def _kvm_probe(self, progress: Progress) -> bool:
         import json
 
         key = cache.inputs_hash(os.uname().release, self.kernel, self.root_image.parent.name)
@@ -176,7 +177,7 @@ class Lab:
         cache.atomic_write(record, json.dumps({"ok": ok, "console": str(run_dir / "console.log")}))
         return ok
 
-    def _stage_kernels(self, group: list[boot.RunItem], progress: cache.Progress) -> dict[str, Path]:
+    def _stage_kernels(self, group: list[boot.RunItem], progress: Progress) -> dict[str, Path]:
         """For scenarios with KERNELS: fill ``kernel_files`` and return run-disk name -> bzImage."""
         extras: dict[str, Path] = {}
         lab_release = boot.bzimage_release(self.kernel)
@@ -194,7 +195,7 @@ class Lab:
             item.kernel_files = files
         return extras
 
-    def _kernel_for(self, series: str, progress: cache.Progress) -> Path:
+    def _kernel_for(self, series: str, progress: Progress) -> Path:
         env = os.environ.get(f"{KERNEL_ENV}_{series.replace('.', '_')}")
         if env:
             return _resolve_kernel(env, None, progress)
@@ -224,7 +225,7 @@ class Lab:
 
 
 def _resolve_kernel(kernel: Path | str | None, kernel_src: Path | str | None,
-                    progress: cache.Progress, version: str = "7.2") -> Path:
+                    progress: Progress, version: str = "7.2") -> Path:
     source = "--kernel"
     if kernel is None and kernel_src is None and os.environ.get(KERNEL_ENV):
         kernel, source = os.environ[KERNEL_ENV], f"${KERNEL_ENV}"
@@ -243,10 +244,10 @@ def _resolve_kernel(kernel: Path | str | None, kernel_src: Path | str | None,
 
 
 def build_lab(kernel: Path | str | None = None, kernel_src: Path | str | None = None,
-              progress: cache.Progress | None = None, selftests: bool = True,
+              progress: Progress | None = None, selftests: bool = True,
               kernel_version: str = "7.2") -> Lab:
     """Build or fetch from the cache everything the lab needs; with a warm cache this takes seconds."""
-    progress = progress or cache.Progress(quiet=True)
+    progress = progress or Progress(quiet=True)
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -277,7 +278,7 @@ def _kernel_headers(bz: Path) -> Path | None:
         return None
 
 
-def _build_guest(progress: cache.Progress) -> Path:
+def _build_guest(progress: Progress) -> Path:
     src = guest.GUEST_SOURCE_DIR
     art = cache.Artifact("guest", cache.inputs_hash(Path(guest.__file__), src if src.exists() else None))
     with art.lock():
@@ -292,7 +293,7 @@ def _build_guest(progress: cache.Progress) -> Path:
     return art / name
 
 
-def _build_selftests(bz: Path, progress: cache.Progress) -> Path | None:
+def _build_selftests(bz: Path, progress: Progress) -> Path | None:
     """Kernel selftests need the kernel's build record (build.json); a foreign --kernel has none."""
     if not (bz.parent / "build.json").exists():
         progress.log(f"kernel selftests skipped for this lab: {bz} was not built by `luoagent lab build` "

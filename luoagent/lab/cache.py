@@ -1,6 +1,6 @@
 """The lab's build cache: where artifacts live, how their inputs are keyed, how they land atomically.
 
-Also the ``Progress`` reporter every long lab step uses (phase, elapsed time, optional percentage on stderr)."""
+Progress of long steps goes through `luoagent.report.Progress`, the one reporter of every command."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ import hashlib
 import os
 import shutil
 import stat
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -221,142 +218,3 @@ def require_space(path: Path, wanted: int, what: str) -> None:
             f"{path}, about {wanted / 1e9:.1f} GB wanted; free some space or point "
             f"${CACHE_ENV} (--cache-dir) at a larger filesystem"
         )
-
-
-# --- progress ----------------------------------------------------------------------------
-class Progress:
-    """Reports a long step on stderr: ``[lab] phase  1m23s  45%  note``.
-
-    On a TTY one line is rewritten in place every second; otherwise a line is printed on each
-    phase change and then every ``interval`` seconds (a background ticker, so a long step with
-    no updates still shows it is alive).
-    Use ``phase(name, total=None)`` to start a phase, ``update(done=..., note=...)`` as work
-    advances, ``done(msg)`` at the end; ``elapsed()`` gives seconds since the phase began.
-    ``quiet=True`` prints nothing (timings are still tracked for callers that report them)."""
-
-    def __init__(self, label: str = "lab", *, stream=None, tty: bool | None = None,
-                 interval: float = 15.0, quiet: bool = False):
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = interval
-        self.quiet = quiet
-        self.name = ""
-        self.total: float | None = None
-        self.current: float | None = None
-        self.note = ""
-        self.started = time.monotonic()
-        self.phase_started = self.started
-        self._last_print = 0.0
-        self._lock = threading.Lock()
-        self._ticker: threading.Thread | None = None
-        self._stop = threading.Event()
-        #: (phase, seconds) for each finished phase, in order
-        self.timings: list[tuple[str, float]] = []
-
-    # -- API --
-    def phase(self, name: str, total: float | None = None, note: str = "") -> "Progress":
-        with self._lock:
-            self._finish_phase_locked()
-            self.name, self.total, self.current, self.note = name, total, None, note
-            self.phase_started = time.monotonic()
-            self._emit_locked(force=True)
-        if not self.quiet and self._ticker is None:
-            self._stop = threading.Event()
-            self._ticker = threading.Thread(target=self._tick, args=(self._stop,), daemon=True)
-            self._ticker.start()
-        return self
-
-    def update(self, done: float | None = None, total: float | None = None, note: str | None = None) -> None:
-        with self._lock:
-            if total is not None:
-                self.total = total
-            if done is not None:
-                self.current = done
-            if note is not None:
-                self.note = note
-            self._emit_locked()
-
-    def log(self, message: str) -> None:
-        """Print a standalone message line without disturbing the progress line."""
-        if self.quiet:
-            return
-        with self._lock:
-            self._write(f"[{self.label}] {message}", final=True)
-
-    def done(self, message: str | None = None) -> None:
-        with self._lock:
-            self._finish_phase_locked()
-            if message and not self.quiet:
-                self._write(f"[{self.label}] {message} ({_fmt(time.monotonic() - self.started)})", final=True)
-            elif self.tty and not self.quiet:
-                self._write("", final=True)
-            self.name = ""
-        self._stop.set()
-        self._ticker = None
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.phase_started
-
-    def percent(self) -> float | None:
-        if self.total and self.current is not None:
-            return max(0.0, min(100.0, 100.0 * self.current / self.total))
-        return None
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.done()
-
-    # -- internals --
-    def _finish_phase_locked(self) -> None:
-        if self.name:
-            self.timings.append((self.name, time.monotonic() - self.phase_started))
-            if self.tty and not self.quiet:
-                self._write(self._line(), final=True)
-            elif not self.quiet:
-                self._write(f"{self._line()} done", final=True)
-
-    def _line(self) -> str:
-        parts = [f"[{self.label}] {self.name}", _fmt(self.elapsed())]
-        pct = self.percent()
-        if pct is not None:
-            parts.append(f"{pct:3.0f}%")
-        if self.note:
-            parts.append(self.note)
-        return "  ".join(parts)
-
-    def _emit_locked(self, force: bool = False) -> None:
-        if self.quiet or not self.name:
-            return
-        now = time.monotonic()
-        if self.tty:
-            if force or now - self._last_print >= 0.2:
-                self._write(self._line(), final=False)
-                self._last_print = now
-        elif force or now - self._last_print >= self.interval:
-            self._write(self._line(), final=True)
-            self._last_print = now
-
-    def _write(self, text: str, final: bool) -> None:
-        try:
-            if self.tty:
-                cols = shutil.get_terminal_size((100, 20)).columns
-                self.stream.write("\r\033[K" + text[: cols - 1] + ("\n" if final and text else ""))
-            else:
-                self.stream.write(text + "\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed stderr must never break a build
-
-    def _tick(self, stop: threading.Event) -> None:
-        # keeps the clock moving on a TTY; elsewhere prints at most every `interval` seconds
-        while not stop.wait(1.0):
-            with self._lock:
-                self._emit_locked(force=self.tty)
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

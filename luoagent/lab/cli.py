@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from luoagent import report
+from luoagent.report import Progress
 from luoagent.errors import UsageError
 from luoagent.lab import cache, demo
 
@@ -80,8 +81,8 @@ def parse_debug(items: list[str]) -> dict:
     return out
 
 
-def _progress(args) -> cache.Progress:
-    return cache.Progress("lab")
+def _progress(args) -> Progress:
+    return Progress("lab")
 
 
 def _lab(args, selftests: bool = True):
@@ -148,7 +149,7 @@ def _memory_bytes(text: str) -> int:
 
 
 def _echo(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    report.echo("console", line)
 
 
 def _report(args, result) -> int:
@@ -171,7 +172,7 @@ def _report(args, result) -> int:
     print(f"{'PASS' if result.ok else 'FAIL'}: {result.boots} boots, {result.duration:.1f}s; "
           f"console: {result.console_log}")
     if not result.ok:
-        print(f"--- last 50 console lines ---\n{result.tail(50)}", file=sys.stderr)
+        report.echo("lab", f"--- last 50 console lines ---\n{result.tail(50)}")
     return 0 if result.ok else 1
 
 
@@ -188,7 +189,7 @@ def _list(args) -> int:
     for info in found.values():
         print(f"{info.name:{width}}  {info.memory:>4}{'  slow' if info.slow else ''}  {info.description}")
     for mod, err in broken.items():
-        print(f"BROKEN {mod}: {err}", file=sys.stderr)
+        report.echo("lab", f"BROKEN {mod}: {err}")
     return 0 if not broken else 1
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
+
+from luoagent import report
+from luoagent.report import Progress
 
 SCENARIO = "vm-update"
 
@@ -88,15 +90,15 @@ def render(story: dict, passed: bool, duration: float) -> str:
 
 
 def run(args) -> int:
-    from luoagent.lab import cache
     from luoagent.lab.build import build_lab
 
     want_json = getattr(args, "json", False)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if want_json else (lambda s: print(s, flush=True))
+    # the story goes to stdout, unless stdout is reserved for the JSON result
+    say = (lambda s: report.echo("demo", s)) if want_json else (lambda s: print(s, flush=True))
     started = time.monotonic()
     say("luoagent lab demo: building the lab if needed (LUO kernel, Debian rootfs with QEMU 11.1, guest)")
     lab = build_lab(kernel=getattr(args, "kernel", None), kernel_src=getattr(args, "kernel_src", None),
-                    progress=cache.Progress("lab"), selftests=False,
+                    progress=Progress("lab"), selftests=False,
                     kernel_version=getattr(args, "kernel_version", "7.2"))
     say(f"lab ready in {time.monotonic() - started:.0f} s: kernel {lab.kernel}")
     say("booting the lab VM: start guests a (luoagent vm start) and b (plain QEMU, adopted), "
@@ -104,7 +106,7 @@ def run(args) -> int:
 
     def echo(line: str) -> None:
         if getattr(args, "console", False):
-            print(line, file=sys.stderr, flush=True)
+            report.echo("console", line)
         elif _LIVE.search(line):
             say("  | " + line.strip())
 

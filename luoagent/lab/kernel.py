@@ -22,9 +22,9 @@ from luoagent.lab.resources import require
 from luoagent.adapters import kexec
 from luoagent.errors import KexecImageError, LabBuildError
 from luoagent.lab import debian
+from luoagent.report import Progress
 from luoagent.lab.cache import (
     Artifact,
-    Progress,
     atomic_write,
     cache_dir,
     free_bytes,

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from luoagent.report import Progress
 from luoagent.errors import LabBuildError
 from luoagent.lab import cache, debian, resources
 
@@ -98,9 +99,9 @@ def _require_root(what: str) -> None:
         raise LabBuildError(f"{what} needs root (debootstrap and chroot); run as root")
 
 
-def build_tree(progress: cache.Progress | None = None) -> Path:
+def build_tree(progress: Progress | None = None) -> Path:
     """Return the cached trixie tree, building it (debootstrap + backports QEMU + wheels) if absent."""
-    progress = progress or cache.Progress(quiet=True)
+    progress = progress or Progress(quiet=True)
     art = cache.Artifact("rootfs-tree", tree_key())
     if (art.path / "tree" / "usr/bin/qemu-system-x86_64").exists():
         return art.path / "tree"
@@ -178,9 +179,9 @@ def python_ext_suffix(tree: Path) -> str:
     raise LabBuildError(f"no Python headers in the lab rootfs tree {tree} (libpython3.13-dev missing)")
 
 
-def build_image(tree: Path, progress: cache.Progress | None = None) -> Path:
+def build_image(tree: Path, progress: Progress | None = None) -> Path:
     """Return the cached ext4 image of ``tree`` with our init installed (mke2fs -d, no loop mount)."""
-    progress = progress or cache.Progress(quiet=True)
+    progress = progress or Progress(quiet=True)
     if not INIT_SOURCE.is_file():
         raise LabBuildError(f"the lab init script {INIT_SOURCE} is missing")
     art = cache.Artifact("rootfs-image", cache.inputs_hash(str(tree), tree.parent.name, INIT_SOURCE))
@@ -223,19 +224,19 @@ def make_ext4(src_dir: Path, image: Path, size_mb: int, label: str, log: Path | 
          log, f"mke2fs of {image.name}")
 
 
-def build_rootfs(progress: cache.Progress | None = None) -> Rootfs:
+def build_rootfs(progress: Progress | None = None) -> Rootfs:
     tree = build_tree(progress)
     image = build_image(tree, progress)
     return Rootfs(tree=tree, image=image, python_tag=python_ext_suffix(tree), key=tree.parent.name)
 
 
 # --- the cffi shim, compiled for the rootfs's Python ----------------------------------------
-def build_shim(tree: Path, progress: cache.Progress | None = None, kernel_headers: Path | None = None) -> Path:
+def build_shim(tree: Path, progress: Progress | None = None, kernel_headers: Path | None = None) -> Path:
     """Compile ``luoagent._luo_shim`` for the tree's CPython; returns the .so (cached by csrc hash).
 
     The C source is emitted by the tree's own cffi (chroot, so it matches the VM's
     _cffi_backend), then compiled by the host's gcc against the tree's Python headers."""
-    progress = progress or cache.Progress(quiet=True)
+    progress = progress or Progress(quiet=True)
     csrc = resources.csrc_dir()
     suffix = python_ext_suffix(tree)
     kheaders = _kernel_uapi_headers(kernel_headers)

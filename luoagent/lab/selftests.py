@@ -35,7 +35,8 @@ from pathlib import Path
 
 from luoagent import log
 from luoagent.errors import LabBuildError
-from luoagent.lab.cache import Artifact, Progress, inputs_hash
+from luoagent.lab.cache import Artifact, inputs_hash
+from luoagent.report import Progress
 from luoagent.lab.kernel import KernelBuild, build_kernel_info, compiler_identity, kernel_info
 
 _log = log.get_logger(__name__)

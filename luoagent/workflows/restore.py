@@ -31,6 +31,7 @@ from luoagent.errors import (
     TokenNotFound,
 )
 from luoagent.log import get_logger
+from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
 from luoagent.workflows import vm as vmwf
 
@@ -83,7 +84,12 @@ class RestoreOptions:
     vm_root: Path = vmwf.DEFAULT_VM_ROOT
     rescue_dir: Path = DEFAULT_RESCUE_DIR
     timeout: float = 60.0
+    #: progress lines go here (stderr by default; luoagent.report decides human or JSON)
     progress: object = None
+
+    @property
+    def reporter(self) -> Progress:
+        return Progress("restore", stream=self.progress)
 
 
 @dataclass
@@ -104,13 +110,6 @@ class VmOutcome:
     blackout_parts: dict = field(default_factory=dict)
 
 
-def _say(opts: RestoreOptions, text: str) -> None:
-    print(f"[restore] {text}", file=opts.progress if opts.progress is not None else sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------
-# manifest
-# ---------------------------------------------------------------------------------------
 def retrieve_manifest(lu) -> tuple[object, mf.Manifest]:
     """(incoming manifest session, manifest); ManifestMissing when this boot has none."""
     try:
@@ -346,7 +345,7 @@ def restore(opts: RestoreOptions | None = None) -> dict:
     lu = LiveUpdate.open()
     try:
         msession, manifest = retrieve_manifest(lu)
-        _say(opts, f"manifest: schema {manifest.schema[0]}.{manifest.schema[1]}, {len(manifest.vms)} VM(s), "
+        opts.reporter.log(f"manifest: schema {manifest.schema[0]}.{manifest.schema[1]}, {len(manifest.vms)} VM(s), "
                    f"written by kernel {manifest.kernel_from}, now on {os.uname().release}")
         outcomes = asyncio.run(_restore_all(lu, manifest, opts))
     finally:
@@ -392,25 +391,25 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
             raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
         mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
         await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, opts, out)
-        _say(opts, f"{vm.name}: {out.status} (pid {out.pid}), blackout {out.blackout_ns / 1e9:.3f} s = "
+        opts.reporter.log(f"{vm.name}: {out.status} (pid {out.pid}), blackout {out.blackout_ns / 1e9:.3f} s = "
                    + " + ".join(f"{k} {s:.3f}" for k, s in out.blackout_parts.items()))
         session.finish()  # only now: the VM runs on the preserved RAM
     except Exception as exc:
         out.ok = False
         out.error = str(exc) if isinstance(exc, LuoAgentError) else f"{type(exc).__name__}: {exc}"
-        _say(opts, f"{vm.name}: FAILED: {out.error}")
+        opts.reporter.log(f"{vm.name}: FAILED: {out.error}")
         if ram_fds and vmstate_fd >= 0:
             try:
                 path = write_rescue(vm, ram_fds, vmstate_fd, opts.rescue_dir)
                 out.rescue = str(path)
                 out.retry = f"luoagent restore --from-rescue {path}"
-                _say(opts, f"{vm.name}: nothing lost: written as a cpr-reboot image to {path}; retry with `{out.retry}`")
+                opts.reporter.log(f"{vm.name}: nothing lost: written as a cpr-reboot image to {path}; retry with `{out.retry}`")
             except Exception as rexc:
                 out.retry = (
                     "could not write a rescue image "
                     f"({rexc}); the VM's RAM is lost once this process exits"
                 )
-                _say(opts, f"{vm.name}: {out.retry}")
+                opts.reporter.log(f"{vm.name}: {out.retry}")
         else:
             out.retry = "its session could not be retrieved; nothing of it is held in this boot"
     finally:

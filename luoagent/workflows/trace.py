@@ -69,7 +69,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from luoagent import log
+from luoagent import log, report
 from luoagent.adapters import ptrace_luo
 from luoagent.adapters.ptrace_luo import SyscallStop, SyscallTracer
 from luoagent.errors import LuoAgentError, TraceError, UsageError
@@ -710,7 +710,7 @@ def run(args: argparse.Namespace) -> int:
             out.close()
     if args.pid is not None:
         if result.summary.interrupted:
-            print(f"luoagent trace: detached from pid {args.pid}; it keeps running", file=sys.stderr)
+            report.echo("trace", f"luoagent trace: detached from pid {args.pid}; it keeps running")
         return 0
     if result.summary.interrupted:
         return 130

@@ -33,6 +33,7 @@ from luoagent.errors import (
     VmNotPreservable,
 )
 from luoagent.log import get_logger
+from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
 from luoagent.workflows import doctor
 from luoagent.workflows import vm as vmwf
@@ -110,7 +111,7 @@ class UpdateRequest:
     dry_run: bool = False
     timeout: float = 60.0
     json: bool = False
-    #: progress lines go here (stderr by default)
+    #: progress lines go here (stderr by default; luoagent.report decides human or JSON)
     progress: object = None
 
 
@@ -158,32 +159,6 @@ class VmWork:
     @property
     def ram_bytes(self) -> int:
         return sum(b.size for b in self.backends)
-
-
-class Phases:
-    """Times each phase and prints one progress line per phase to stderr."""
-
-    def __init__(self, out=None):
-        self.out = out if out is not None else sys.stderr
-        self.done: list[dict] = []
-        self.t0 = time.monotonic()
-
-    @contextlib.contextmanager
-    def phase(self, name: str, detail: str = ""):
-        start = time.monotonic()
-        print(f"[update] {name}{(' ' + detail) if detail else ''} ...", file=self.out, flush=True)
-        try:
-            yield
-        except BaseException:
-            self.done.append({"phase": name, "seconds": round(time.monotonic() - start, 4), "ok": False})
-            print(f"[update] {name} FAILED after {time.monotonic() - start:.3f} s", file=self.out, flush=True)
-            raise
-        secs = time.monotonic() - start
-        self.done.append({"phase": name, "seconds": round(secs, 4), "ok": True})
-        print(f"[update] {name} done in {secs:.3f} s", file=self.out, flush=True)
-
-    def note(self, text: str) -> None:
-        print(f"[update]   {text}", file=self.out, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +225,7 @@ def update(req: UpdateRequest) -> dict:
 class _Update:
     def __init__(self, req: UpdateRequest):
         self.req = req
-        self.phases = Phases(req.progress)
+        self.progress = Progress("update", stream=req.progress)
         self.skip = testmode.skipped()
         self.work: list[VmWork] = []
         self.lu = None  # LiveUpdate
@@ -265,7 +240,7 @@ class _Update:
     # -- driver --------------------------------------------------------------------------
     async def run(self) -> dict:
         if self.skip:
-            print(f"[update] TEST MODE: skipping {', '.join(sorted(self.skip))} ({testmode.SKIP_ENV})", file=self.phases.out)
+            self.progress.log(f"TEST MODE: skipping {', '.join(sorted(self.skip))} ({testmode.SKIP_ENV})")
         try:
             await self._preflight()
             testmode.fault("after-preflight")
@@ -308,7 +283,7 @@ class _Update:
 
     # -- PREFLIGHT -----------------------------------------------------------------------
     async def _preflight(self) -> None:
-        with self.phases.phase("preflight"):
+        with self.progress.timed("preflight"):
             self.kernel_release = kexec.check_image(self.req.kernel, self.req.initrd)
             self._run_doctor_checks()
             targets = discover(self.req.vms, self.req.vm_root)
@@ -332,7 +307,7 @@ class _Update:
                 kexec.load(self.req.kernel, self.req.initrd, self.cmdline)
                 self.kexec_loaded = True
             for w in self.work:
-                self.phases.note(
+                self.progress.note(
                     f"{w.name}: pid {w.target.pid}, {w.status_before}, RAM "
                     + ", ".join(f"{b.id}={b.size >> 20} MiB" for b in w.backends)
                 )
@@ -384,7 +359,7 @@ class _Update:
     # -- PRESERVE_RAM (VMs still running) ------------------------------------------------
     async def _preserve_ram(self) -> None:
         self.step = "preserve-ram"
-        with self.phases.phase("preserve-ram", "(VMs keep running; pages are pinned now)"):
+        with self.progress.timed("preserve-ram", "(VMs keep running; pages are pinned now)"):
             for w in self.work:
                 try:
                     for b in w.backends:
@@ -394,7 +369,7 @@ class _Update:
                         for i, (b, fd) in enumerate(zip(w.backends, w.ram_fds)):
                             t0 = time.monotonic()
                             w.session.preserve(fd, mf.ram_token(i))
-                            self.phases.note(f"{w.name}: {b.id} ({b.size >> 20} MiB) preserved in {time.monotonic() - t0:.3f} s")
+                            self.progress.note(f"{w.name}: {b.id} ({b.size >> 20} MiB) preserved in {time.monotonic() - t0:.3f} s")
                 except LuoAgentError as exc:
                     exc.vm = w.name  # type: ignore[attr-defined]
                     raise
@@ -402,7 +377,7 @@ class _Update:
     # -- QUIESCE (parallel) --------------------------------------------------------------
     async def _quiesce_all(self) -> None:
         self.step = "quiesce"
-        with self.phases.phase("quiesce", f"({len(self.work)} VMs in parallel: stop + cpr-reboot save to memfd)"):
+        with self.progress.timed("quiesce", f"({len(self.work)} VMs in parallel: stop + cpr-reboot save to memfd)"):
             results = await asyncio.gather(*(self._quiesce(w) for w in self.work), return_exceptions=True)
             for w, r in zip(self.work, results):
                 if isinstance(r, BaseException):
@@ -411,7 +386,7 @@ class _Update:
                             r.vm = w.name  # type: ignore[attr-defined]
                     raise r
             for w in self.work:
-                self.phases.note(
+                self.progress.note(
                     f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
                     f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM), guest RAM copied "
                     f"{w.guest_ram_bytes_copied} B"
@@ -466,7 +441,7 @@ class _Update:
     # -- PRESERVE_VMSTATE + MANIFEST -----------------------------------------------------
     def _preserve_vmstate(self) -> None:
         self.step = "preserve-vmstate"
-        with self.phases.phase("preserve-vmstate"):
+        with self.progress.timed("preserve-vmstate"):
             for w in self.work:
                 if w.session is not None:
                     try:
@@ -477,7 +452,7 @@ class _Update:
 
     def _write_manifest(self) -> None:
         self.step = "manifest"
-        with self.phases.phase("manifest"):
+        with self.progress.timed("manifest"):
             self.manifest = mf.Manifest(
                 created_ns=time.time_ns(),
                 kernel_from=os.uname().release,
@@ -526,7 +501,7 @@ class _Update:
         else:
             print_summary(result)
         sys.stdout.flush()
-        self.phases.note(f"kexec now (preparation took {time.monotonic() - self.phases.t0:.3f} s)")
+        self.progress.note(f"kexec now (preparation took {time.monotonic() - self.progress.started:.3f} s)")
         kexec.reboot_kexec()  # sync + reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
         raise RebootRefused("reboot(LINUX_REBOOT_CMD_KEXEC) returned without rebooting")
 
@@ -535,7 +510,7 @@ class _Update:
         """Undo everything; returns what could not be undone (empty: clean). ``quiet``: only
         connections to close (preflight), no progress line."""
         problems: list[str] = []
-        with self.phases.phase("rollback") if not quiet else contextlib.nullcontext():
+        with self.progress.timed("rollback") if not quiet else contextlib.nullcontext():
             results = await asyncio.gather(*(self._resume(w) for w in self.work), return_exceptions=True)
             for w, r in zip(self.work, results):
                 if isinstance(r, BaseException):
@@ -618,7 +593,7 @@ class _Update:
             "kernel_version": self.kernel_release,
             "cmdline": self.cmdline,
             "skipped": sorted(self.skip),
-            "phases": self.phases.done,
+            "phases": self.progress.steps,
             "vms": [
                 {
                     "name": w.name,
