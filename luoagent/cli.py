@@ -1,13 +1,16 @@
 """Command-line entry point: parses arguments, sets up logging, dispatches to a workflow.
 
 Each workflow module adds its own options (configure); one that fails to import only
-disables its subcommand, so ``luoagent --help`` keeps working."""
+disables its subcommand, so ``luoagent --help`` keeps working. Subsystems outside the
+production code (the lab) add commands through the ``luoagent.commands`` entry point group,
+so this module never names them."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from luoagent import __version__
 from luoagent.errors import LuoAgentError
@@ -18,9 +21,25 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("luoagent.workflows.vm", "start, list and stop VMs managed by luoagent"),
     "update": ("luoagent.workflows.update", "checkpoint VMs, preserve them with LUO, kexec"),
     "restore": ("luoagent.workflows.restore", "after kexec: bring preserved VMs back"),
-    "lab": ("luoagent.lab.cli", "build and run the nested LUO test lab"),
     "trace": ("luoagent.workflows.trace", "trace a program's LUO ioctls (python-ptrace)"),
 }
+
+
+#: entry point group of commands contributed by other subsystems (pyproject.toml)
+COMMAND_GROUP = "luoagent.commands"
+
+
+def _all_commands() -> dict[str, tuple[str, str]]:
+    """SUBCOMMANDS plus each ``luoagent.commands`` entry point (name -> module; HELP from it)."""
+    found = dict(SUBCOMMANDS)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        if ep.name not in found:
+            try:
+                help_text = getattr(importlib.import_module(ep.value), "HELP", "")
+            except ImportError:
+                help_text = "(cannot load: run it to see why)"
+            found[ep.name] = (ep.value, help_text)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (module, help_text) in _all_commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         try:

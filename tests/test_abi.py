@@ -17,7 +17,7 @@ from luoagent._luo_shim import ffi, lib
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
-# --- the numbers themselves (from NOTES.md / the 7.2 header) ------------------------------
+# --- the numbers themselves (docs/facts.md, from the 7.2 header) ------------------------------
 def test_ioctl_numbers_pinned():
     assert lib.LUO_IOCTL_TYPE == 0xBA
     assert lib.LUO_IOCTL_CREATE_SESSION == 0xBA00

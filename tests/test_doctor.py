@@ -141,6 +141,6 @@ def test_doctor_probes_real_qemu_cpr(lab_qemu):
     assert checks["qemu"]["ok"] and "QEMU 11." in checks["qemu"]["detail"], checks["qemu"]
     assert checks["qemu-cpr-reboot"]["ok"], checks["qemu-cpr-reboot"]
     assert checks["qemu-x-ignore-shared"]["ok"], checks["qemu-x-ignore-shared"]
-    # QEMU 11.1.3 opens mem-path with plain open(): /dev/fdset/N is refused (NOTES.md)
+    # QEMU 11.1.3 opens mem-path with plain open(): /dev/fdset/N is refused (docs/facts.md)
     if "QEMU 11.1.3" in checks["qemu"]["detail"]:
         assert "does not accept /dev/fdset/N" in checks["qemu-fdset-mem-backend"]["detail"]

@@ -72,7 +72,7 @@ def test_validation_happens_before_any_ioctl():
             lu.create_session("fine")
 
 
-# --- errno mapping: every errno of NOTES.md's LUO list, plus the header's generic ones -----
+# --- errno mapping: every errno of docs/facts.md's LUO list, plus the header's generic ones -----
 CASES = [
     # (op, errno, incoming, expected class, words the message must contain)
     ("open", E.ENOENT, None, errors.LuoUnavailable, ["liveupdate=on", "CONFIG_LIVEUPDATE"]),

@@ -6,11 +6,12 @@ Functions over a `qmp_client.Qmp`; the QEMU facts are in docs/architecture.md.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 from luoagent.adapters.qmp_client import Qmp
-from luoagent.errors import MigrationFailed, QmpCommandFailed, QmpUnreachable
+from luoagent.errors import LuoAgentError, MigrationFailed, QmpCommandFailed, QmpUnreachable
 
 
 async def configure(q: Qmp, timeout: float = 30.0) -> None:
@@ -91,3 +92,24 @@ async def _wait_migration(q: Qmp, uri: str, what: str, deadline: float) -> dict:
                 f"cpr-reboot {what} ({uri}) did not complete in time (status {state!r})"
             )
         await asyncio.sleep(0.005)
+
+
+#: query-migrate states in which a migration is still under way and can be cancelled
+ACTIVE_STATES = ("setup", "active", "pre-switchover", "device", "wait-unplug")
+
+
+async def cancel_and_reset(q: Qmp, timeout: float = 2.0) -> None:
+    """Undo what a save set up: cancel a migration still under way (waiting up to ``timeout``
+    for it to leave the active states), then mode ``normal`` and x-ignore-shared off."""
+    info = await q.execute("query-migrate")
+    if info.get("status") in ACTIVE_STATES:
+        with contextlib.suppress(LuoAgentError):
+            await q.execute("migrate_cancel")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await q.execute("query-migrate")
+            if info.get("status") not in ("cancelling", *ACTIVE_STATES):
+                break
+            await asyncio.sleep(0.01)
+    await q.execute("migrate-set-parameters", {"mode": "normal"})
+    await q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})

@@ -135,6 +135,19 @@ class Qmp:
     async def cont(self, timeout: float = 10.0) -> None:
         await self.execute("cont", timeout=timeout)
 
+    async def version(self, timeout: float = 10.0) -> str:
+        """QEMU's version as MAJOR.MINOR.MICRO (query-version)."""
+        q = (await self.execute("query-version", timeout=timeout)).get("qemu", {})
+        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+
+    async def free_fdset(self, base: int) -> int:
+        """The lowest fdset id >= ``base`` that this QEMU does not use yet."""
+        used = {fs.get("fdset-id") for fs in await self.execute("query-fdsets")}
+        n = base
+        while n in used:
+            n += 1
+        return n
+
     async def quit(self, timeout: float = 10.0) -> None:
         """Ask QEMU to exit; the connection dropping while it does so is success."""
         with contextlib.suppress(QmpUnreachable):

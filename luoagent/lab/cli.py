@@ -13,6 +13,9 @@ from luoagent.report import Progress
 from luoagent.errors import UsageError
 from luoagent.lab import cache, demo
 
+#: one-line help of `luoagent lab` (the CLI finds this module through the luoagent.commands entry point)
+HELP = "build and run the nested LUO test lab"
+
 
 def _common(p: argparse.ArgumentParser, kernel: bool = True) -> None:
     if kernel:

@@ -237,13 +237,13 @@ class Runner:
         self.save()
         emit(f"# lab-kexec: hop={self.hop} -> {self.hop + 1} kernel={kernel}")
         os.sync()
-        from luoagent.adapters import kexec as kexec_adapter
+        from luoagent.adapters import kexec
 
         emit(f"# lab-kexec-via: luoagent.adapters.kexec (kexec_file_load) {kernel}")
         t0 = time.monotonic()
-        kexec_adapter.load(Path(kernel), None, cmdline)
+        kexec.load(Path(kernel), None, cmdline)
         emit(f"# lab-kexec-loaded: seconds={time.monotonic() - t0:.2f}")
-        kexec_adapter.reboot_kexec()
+        kexec.reboot_kexec()
         raise RuntimeError(f"kexec returned (still holding {len(keep)} kept objects)")
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
+from luoagent.workflows import summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -74,7 +74,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print_summary(result)
+        summary.restore_summary(result)
     return 0 if result["ok"] else 1
 
 
@@ -420,25 +420,3 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         if session is not None:
             session.close()
     return out
-
-
-def print_summary(result: dict, out=None) -> None:
-    out = out if out is not None else sys.stdout
-    head = "all VMs restored" if result["ok"] else "some VMs were NOT restored"
-    if "kernel_from" in result:
-        head += f" (kernel {result['kernel_from']} -> {result['kernel_now']}, {result['seconds']:.3f} s)"
-    print(f"luoagent restore: {head}", file=out)
-    for v in result["vms"]:
-        if v["ok"]:
-            print(
-                f"  VM {v['name']}: {v['status']} (pid {v['pid']}), blackout {v['blackout_ns'] / 1e9:.3f} s, "
-                f"vmstate {v['vmstate_bytes']} B, RAM {v['ram_bytes'] >> 20} MiB in place, "
-                f"RAM bytes copied {v['ram_bytes_copied']}",
-                file=out,
-            )
-            if v.get("blackout_parts"):
-                print("    blackout: " + ", ".join(f"{k} {s:.3f} s" for k, s in v["blackout_parts"].items()), file=out)
-        else:
-            print(f"  VM {v['name']}: FAILED: {v['error']}", file=out)
-            print(f"    {v['retry']}", file=out)
-    out.flush()

@@ -35,7 +35,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
-from luoagent.workflows import doctor
+from luoagent.workflows import doctor, summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -94,7 +94,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print_summary(result)
+        summary.update_summary(result)
     return 0
 
 
@@ -345,16 +345,11 @@ class _Update:
             if w.status_before in ("inmigrate", "postmigrate", "finish-migrate", "shutdown", "internal-error"):
                 raise VmNotPreservable(f"VM is in state {w.status_before!r}; only running or paused VMs can be carried")
             w.backends = await qemu_ram.ram_backends(pid, w.qmp)
-            w.qemu_version = await self._qemu_version(w)
+            w.qemu_version = await w.qmp.version()
         except LuoAgentError as exc:
             exc.vm = t.name  # type: ignore[attr-defined]
             exc.args = (f"VM {t.name}: {exc}",) + exc.args[1:]
             raise
-
-    async def _qemu_version(self, w: VmWork) -> str:
-        v = await w.qmp.execute("query-version")
-        q = v.get("qemu", {})
-        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
 
     # -- PRESERVE_RAM (VMs still running) ------------------------------------------------
     async def _preserve_ram(self) -> None:
@@ -398,7 +393,7 @@ class _Update:
             w.vmstate_fd = memfd.create(f"luoagent-vmstate-{w.name}")
             wfd = memfd.reopen(w.vmstate_fd, os.O_WRONLY)  # the fdset's access mode must be exact
             try:
-                w.fdset_id = await self._free_fdset(q)
+                w.fdset_id = await q.free_fdset(VMSTATE_FDSET_BASE)
                 await q.add_fd(wfd, w.fdset_id, opaque=f"luoagent vmstate {w.name}")
             finally:
                 os.close(wfd)
@@ -413,9 +408,7 @@ class _Update:
             w.stop_issued = True
             await q.stop()
             testmode.fault("quiesce", w.name)
-            info = await cpr.save(q, 
-                f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout, configured=True
-            )
+            info = await cpr.save(q, f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout, configured=True)
             w.saved_at_ns = time.time_ns()
             w.quiesce_s = time.monotonic() - t0
             w.migrate_info = info
@@ -430,13 +423,6 @@ class _Update:
         except LuoAgentError as exc:
             exc.vm = w.name  # type: ignore[attr-defined]
             raise
-
-    async def _free_fdset(self, q) -> int:
-        used = {fs.get("fdset-id") for fs in await q.execute("query-fdsets")}
-        n = VMSTATE_FDSET_BASE
-        while n in used:
-            n += 1
-        return n
 
     # -- PRESERVE_VMSTATE + MANIFEST -----------------------------------------------------
     def _preserve_vmstate(self) -> None:
@@ -499,7 +485,7 @@ class _Update:
         if self.req.json:
             print(json.dumps(result, indent=1), flush=True)
         else:
-            print_summary(result)
+            summary.update_summary(result)
         sys.stdout.flush()
         self.progress.note(f"kexec now (preparation took {time.monotonic() - self.progress.started:.3f} s)")
         kexec.reboot_kexec()  # sync + reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
@@ -551,19 +537,7 @@ class _Update:
         if q is None:
             return
         if w.stop_issued or w.migrate_configured:
-            info = await q.execute("query-migrate")
-            if info.get("status") in ("setup", "active", "pre-switchover", "device", "wait-unplug"):
-                with contextlib.suppress(LuoAgentError):
-                    await q.execute("migrate_cancel")
-                for _ in range(200):
-                    info = await q.execute("query-migrate")
-                    if info.get("status") not in ("cancelling", "active", "setup", "device"):
-                        break
-                    await asyncio.sleep(0.01)
-            await q.execute("migrate-set-parameters", {"mode": "normal"})
-            await q.execute(
-                "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
-            )
+            await cpr.cancel_and_reset(q)
             w.migrate_configured = False
         if w.stop_issued and w.was_running:
             if await q.status() != "running":
@@ -612,18 +586,3 @@ class _Update:
                 for w in self.work
             ],
         }
-
-
-def print_summary(result: dict, out=None) -> None:
-    out = out if out is not None else sys.stdout
-    print(f"luoagent update: {result['status']}", file=out)
-    for p in result["phases"]:
-        print(f"  {p['phase']:<18} {p['seconds'] * 1000:9.1f} ms{'' if p['ok'] else '  FAILED'}", file=out)
-    for v in result["vms"]:
-        print(
-            f"  VM {v['name']}: RAM {v['ram_bytes'] >> 20} MiB kept in place, vmstate {v['vmstate_bytes']} B "
-            f"({v['vmstate_percent_of_ram']:.3f} % of RAM), guest RAM copied {v['guest_ram_bytes_copied']} B, "
-            f"stop→saved {v['quiesce_seconds'] * 1000:.1f} ms",
-            file=out,
-        )
-    out.flush()

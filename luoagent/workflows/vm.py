@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from luoagent import log
-from luoagent import manifest, memfd
+from luoagent import manifest as mf
+from luoagent import memfd
 from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
 from luoagent.adapters import procfs
 from luoagent.adapters.procfs import pid_alive
@@ -62,12 +63,12 @@ class VmRecord:
 # --- names and places -----------------------------------------------------------------------
 def session_name(vm_name: str) -> str:
     """The VM's LUO session name (one rule for `vm`, `update` and `restore`: luoagent.manifest)."""
-    return manifest.vm_session_name(vm_name)
+    return mf.vm_session_name(vm_name)
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it can name a VM (and its LUO session); InvalidName otherwise."""
-    manifest.vm_session_name(name)
+    mf.vm_session_name(name)
     return name
 
 

@@ -10,6 +10,7 @@ The same rollbacks with real LUO sessions run inside the lab (tests/lab/test_upd
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -124,7 +125,8 @@ async def _qemu_state(vm: Vm) -> dict:
         }
 
 
-def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None) -> subprocess.CompletedProcess:
+def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None,
+               log_format: str = "auto") -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("LUOAGENT_FAULT", None)
     if fault:
@@ -134,7 +136,8 @@ def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None) 
     if binary:
         env["LUOAGENT_QEMU"] = str(binary)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "luoagent", "update", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "luoagent", "--log-format", log_format, "update", *args],
+                          capture_output=True, text=True,
                           env=env, timeout=300, cwd=REPO)
 
 
@@ -155,6 +158,29 @@ def assert_never_stopped(vm: Vm) -> None:
     assert state["status"] == "running", state
     assert state["migrate"] == {} or "status" not in state["migrate"], f"a migration ran: {state['migrate']}"
     assert state["mode"] == "normal" and state["fdsets"] == [], state
+
+
+# ---- one reporting path: --log-format json leaves only JSON lines on stderr ------------------
+@pytest.mark.parametrize("fault", ["", "after-quiesce"])
+def test_log_format_json_writes_only_json_lines_on_stderr(vms, kernel_image, fault):
+    a = vms("a")
+    r = run_update("--kernel", str(kernel_image), "--vm", f"a={a.sock}", "--dry-run", "--json",
+                   fault=fault, log_format="json")
+    assert r.returncode == (1 if fault else 0), r.stderr
+    lines = r.stderr.splitlines()
+    docs = []
+    for line in lines:
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"stderr line is not JSON: {line!r}")
+    assert all(isinstance(d, dict) and d.get("event") for d in docs), docs
+    steps = {(d.get("step"), d.get("state")) for d in docs}
+    assert ("quiesce", "done") in steps and ("rollback", "done") in steps, steps
+    assert any("TEST MODE" in d.get("message", "") for d in docs)
+    if fault:
+        assert any("update failed at step after-quiesce" in d.get("message", "") for d in docs), docs
+    assert_running_and_rising(a)
 
 
 # ---- rollback after the VMs were stopped --------------------------------------------------

@@ -4,6 +4,13 @@ Also pure-logic checks of the KTAP parser and scenario grouping (no VM)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from luoagent.errors import ScenarioFailed, UsageError
@@ -276,3 +283,61 @@ def test_run_all_orders_scenarios_by_memory_size():
 
     assert [_memory_bytes(m) for m in ("1G", "512M", "3g", "2048")] == [1 << 30, 512 << 20, 3 << 30, 2048 << 20]
     assert sorted(["3G", "1G", "512M", "1G"], key=_memory_bytes) == ["512M", "1G", "1G", "3G"]
+
+
+# --- the lab from an installed wheel, and its JSON progress ---------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _json_lines(text: str) -> list[dict]:
+    docs = []
+    for line in text.splitlines():
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"stderr line is not JSON: {line!r}")
+    return docs
+
+
+def _lab_build(luoagent: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([*luoagent, "--log-format", "json", "lab", "build", "--no-selftests", "--json"],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(900)
+def test_lab_build_with_json_log_format_writes_only_json_on_stderr(lab, tmp_path):
+    out = _lab_build([sys.executable, "-m", "luoagent"], tmp_path)  # warm: the fixture built it
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["kernel"] == str(lab.kernel)
+    docs = _json_lines(out.stderr)
+    assert docs and all(d.get("event") for d in docs), out.stderr
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(1500)
+def test_lab_build_runs_from_an_installed_wheel(lab, tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+                   check=True, capture_output=True, timeout=600)
+    [wheel] = wheels.glob("luoagent-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], check=True, capture_output=True, timeout=600)
+    site = Path(subprocess.run([str(venv / "bin/python"), "-c", "import luoagent, os; print(os.path.dirname(luoagent.__file__))"],
+                               check=True, capture_output=True, text=True, cwd=tmp_path).stdout.strip())
+    assert site.is_relative_to(venv), site  # the wheel's copy, not this checkout
+
+    out = _lab_build([str(venv / "bin/luoagent")], tmp_path)
+    assert out.returncode == 0, out.stderr
+    built = json.loads(out.stdout)
+    assert built["kernel"] == str(lab.kernel) and Path(built["shim"]).is_file()
+    _json_lines(out.stderr)
+
+    # without its package data the installed lab says what it lacks, no traceback
+    shutil.rmtree(site / "lab" / "kernel-configs")
+    broken = _lab_build([str(venv / "bin/luoagent")], tmp_path)
+    assert broken.returncode == 1, broken.stderr
+    assert "kernel config fragment luo.config is missing" in broken.stderr, broken.stderr
+    assert "Traceback" not in broken.stderr
