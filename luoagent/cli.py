@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="log rendering: console on a TTY, JSON lines otherwise (default: auto)",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "--test-mode", action="store_true",
+        help="tests only: honour LUOAGENT_FAULT / LUOAGENT_TEST_SKIP; never kexecs",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in _all_commands().items():
@@ -71,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from luoagent import log, report
+    from luoagent import log, report, testmode
 
     log.configure(args.log_format, args.verbose)
+    if args.test_mode:
+        testmode.enable()
+    elif testmode.ignored_switches():
+        log.get_logger("luoagent.cli").warning(
+            "test switches ignored outside --test-mode", variables=testmode.ignored_switches())
     if getattr(args, "_import_error", None) is not None:
         report.echo(args.command, f"luoagent {args.command}: cannot load: {args._import_error}")
         return 1

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,7 @@ def test_peer_pid_of_a_unix_socket_and_unreachable(tmp_path):
 
 def test_fault_switch(monkeypatch):
     monkeypatch.setenv(testmode.FAULT_ENV, "after-quiesce, quiesce:b")
+    monkeypatch.setattr(testmode, "_enabled", True)
     with pytest.raises(UpdateError) as ei:
         testmode.fault("after-quiesce")
     assert ei.value.step == "after-quiesce" and ei.value.vm is None
@@ -196,3 +198,34 @@ def test_demo_summary_reads_the_scenarios_diag_lines():
     assert story["rollbacks"] == {"fault after quiesce": "update failed at step after-quiesce: x"}
     text = demo.render(story, True, 82.0)
     assert "kernel 7.2.13 -> 7.3.4" in text and "RAM bytes copied 0" in text and "100 before update -> 200 after restore" in text and "PASS" in text
+
+
+def test_test_switches_are_ignored_outside_test_mode(monkeypatch):
+    monkeypatch.setenv(testmode.FAULT_ENV, "after-quiesce")
+    monkeypatch.setenv(testmode.SKIP_ENV, "luo,kexec-load")
+    monkeypatch.setattr(testmode, "_enabled", False)
+    assert not testmode.armed("after-quiesce") and testmode.skipped() == set()
+    testmode.fault("after-quiesce")  # a stray variable injects nothing
+    assert testmode.ignored_switches() == [testmode.FAULT_ENV, testmode.SKIP_ENV]
+
+
+def test_cli_warns_that_stray_test_switches_are_ignored(monkeypatch, capsys):
+    from luoagent import cli
+
+    monkeypatch.setenv(testmode.FAULT_ENV, "after-quiesce")
+    monkeypatch.setattr(testmode, "_enabled", False)
+    cli.main(["--log-format", "json", "doctor", "--json", "--no-qemu"])
+    err = capsys.readouterr().err
+    assert "test switches ignored outside --test-mode" in err and testmode.FAULT_ENV in err
+
+
+def test_test_mode_never_makes_a_kexec_that_could_succeed(monkeypatch):
+    """With --test-mode and a kexec image loaded (e.g. only LUO skipped), update refuses to
+    call the reboot syscall at all."""
+    monkeypatch.setattr(testmode, "_enabled", True)
+    monkeypatch.setattr(kexec, "loaded", lambda: True)
+    monkeypatch.setattr(kexec, "reboot_kexec", lambda: pytest.fail("reboot syscall made in test mode"))
+    run = update._Update(update.UpdateRequest(kernel=Path("/nonexistent")))
+    run.kexec_loaded = True
+    with pytest.raises(UpdateError, match="test mode.*refusing to reboot"):
+        run._reboot()

@@ -136,7 +136,8 @@ def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None,
     if binary:
         env["LUOAGENT_QEMU"] = str(binary)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "luoagent", "--log-format", log_format, "update", *args],
+    mode = ["--test-mode"] if fault or skip else []
+    return subprocess.run([sys.executable, "-m", "luoagent", "--log-format", log_format, *mode, "update", *args],
                           capture_output=True, text=True,
                           env=env, timeout=300, cwd=REPO)
 

@@ -60,10 +60,12 @@ MISSING_ERROR = "restore in a boot with no manifest says there is nothing to res
 def luoagent(*args: str, fault: str = "", stdout=None, stderr=None, timeout: float = 240):
     """Run the agent's CLI like a user would."""
     env = agent_env()
+    mode: list[str] = []
     if fault:
         env[testmode.FAULT_ENV] = fault
+        mode = [testmode.FLAG]
     kw = {"stdout": stdout, "stderr": stderr} if stdout is not None else {"capture_output": True}
-    return subprocess.run([sys.executable, "-m", "luoagent", *args], text=True, env=env, timeout=timeout, **kw)
+    return subprocess.run([sys.executable, "-m", "luoagent", *mode, *args], text=True, env=env, timeout=timeout, **kw)
 
 
 def _guest_elf() -> Path:
