@@ -236,8 +236,12 @@ class _Upgrade:
             if nb is None or nb.qemu_fd != b.qemu_fd or nb.size != b.size:
                 raise UpgradeError(f"the new QEMU's RAM backend {b.id!r} is not the old one's ({nb})",
                                    step="start-new", vm=self.t.name)
-            old_ino = os.stat(f"/proc/{self.pid}/fd/{b.qemu_fd}").st_ino
-            new_ino = os.stat(f"/proc/{self.proc.pid}/fd/{b.qemu_fd}").st_ino
+            old_ino = os.fstat(self.ram_fds[b.qemu_fd]).st_ino  # our duplicate of the old one's fd
+            try:
+                new_ino = os.stat(f"/proc/{self.proc.pid}/fd/{b.qemu_fd}").st_ino
+            except OSError as exc:
+                raise UpgradeError(f"cannot inspect the new QEMU's fd {b.qemu_fd}: {exc.strerror}",
+                                   step="start-new", vm=self.t.name) from exc
             if old_ino != new_ino:
                 raise UpgradeError(f"the new QEMU's fd {b.qemu_fd} is another file than the old one's RAM",
                                    step="start-new", vm=self.t.name)
@@ -408,7 +412,7 @@ class _Upgrade:
             await self._retire_old_for_sequential(q_old)
             try:
                 q_new = await self._start_loaded(self.new_binary, vmstate)
-            except LuoAgentError as exc:
+            except Exception as exc:  # whatever went wrong, the guest must run again
                 self.progress.log(f"VM {t.name}: the new QEMU failed ({exc}); starting the old binary again")
                 self._kill_new()
                 q_new = await self._start_loaded(Path(self.out.old_qemu), vmstate)
