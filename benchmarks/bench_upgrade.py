@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             row[m] = {"pause_ms_median": statistics.median(r["pause_ms"] for r in sel),
                       "pause_ms_min": min(r["pause_ms"] for r in sel),
                       "pause_ms_max": max(r["pause_ms"] for r in sel),
-                      "qemu_downtime_ms_median": statistics.median((r["qemu_downtime_ms"] or 0) for r in sel),
+                      # QEMU reports a downtime only for a live migration (handoff), not for a
+                      # cpr-reboot save of a guest that was stopped first
+                      "qemu_downtime_ms_median": (statistics.median(r["qemu_downtime_ms"] for r in sel)
+                                                  if all(r["qemu_downtime_ms"] is not None for r in sel) else None),
                       "bytes_moved_median": statistics.median(r["bytes_moved"] for r in sel)}
         row["sequential_over_handoff"] = row["sequential"]["pause_ms_median"] / row["handoff"]["pause_ms_median"]
         summary.append(row)
@@ -133,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         for m in MECHANISMS:
             s = row[m]
             rng = f"{s['pause_ms_median']:.2f} ({s['pause_ms_min']:.2f}-{s['pause_ms_max']:.2f})"
-            print(f"{row['ram_bytes'] // MIB:>5}Mi {m:<11} {rng:>26} {s['qemu_downtime_ms_median']:>17.0f} "
+            qd = s["qemu_downtime_ms_median"]
+            qd = f"{qd:.0f}" if qd is not None else "-"
+            print(f"{row['ram_bytes'] // MIB:>5}Mi {m:<11} {rng:>26} {qd:>17} "
                   f"{s['bytes_moved_median']:>13,.0f}")
     print()
     print(f"{'RAM':>7} {'sequential/handoff':>19} {'handoff vs first size':>22}")
