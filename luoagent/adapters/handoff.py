@@ -42,23 +42,42 @@ async def receive(q_new: Qmp, uri: str, timeout: float = 10.0) -> None:
 
 
 async def migration_parameters(q: Qmp) -> dict:
-    """The settings send() changes, to hand back to reset() afterwards."""
+    """The settings start_send() changes, to hand back to reset() afterwards."""
     params = await q.execute("query-migrate-parameters")
-    return {"max-bandwidth": params.get("max-bandwidth"), "mode": params.get("mode", "normal")}
+    return {"mode": params.get("mode", "normal")}
 
 
-async def start_send(q_old: Qmp, uri: str, timeout: float = 10.0, *, max_bandwidth: int | None = None) -> None:
+async def start_send(q_old: Qmp, uri: str, timeout: float = 10.0, *, hold_before_switchover: bool = False) -> None:
     """Start sending the device state of ``q_old`` to ``uri`` (mode normal + x-ignore-shared).
 
-    ``max_bandwidth`` (bytes/s) slows the stream down; tests use it to fail a migration midway."""
+    ``hold_before_switchover``: QEMU stops in state ``pre-switchover`` (guest stopped, device
+    state not sent yet) until continue_switchover(); tests use it to fail a migration midway."""
     await q_old.execute("migrate-set-parameters", {"mode": "normal"}, timeout=timeout)
-    if max_bandwidth is not None:
-        await q_old.execute("migrate-set-parameters", {"max-bandwidth": int(max_bandwidth)}, timeout=timeout)
     await _set_caps(q_old, True, timeout)
+    await q_old.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "pause-before-switchover", "state": hold_before_switchover}]}, timeout=timeout)
     try:
         await q_old.execute("migrate", {"uri": uri}, timeout=timeout)
     except QmpCommandFailed as exc:
         raise MigrationFailed(f"the old QEMU refused to migrate to {uri}: {exc.desc}") from exc
+
+
+async def wait_state(q_old: Qmp, state: str, timeout: float) -> dict:
+    """Poll query-migrate until the migration is in ``state``; MigrationFailed otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await q_old.execute("query-migrate")
+        if info.get("status") == state:
+            return dict(info)
+        if info.get("status") in ("failed", "cancelled", "completed") or time.monotonic() > deadline:
+            raise MigrationFailed(f"the migration did not reach {state!r} (status {info.get('status')!r}: "
+                                  f"{info.get('error-desc', '')})")
+        await asyncio.sleep(0.005)
+
+
+async def continue_switchover(q_old: Qmp) -> None:
+    """Let a migration held in ``pre-switchover`` send the device state."""
+    await q_old.execute("migrate-continue", {"state": "pre-switchover"})
 
 
 async def wait_sent(q_old: Qmp, deadline: float, what: str = "handoff") -> dict:
@@ -94,9 +113,10 @@ async def reset(q_old: Qmp, saved: dict | None = None, timeout: float = 5.0) -> 
                 break
             await asyncio.sleep(0.01)
     await _set_caps(q_old, False, timeout)
+    with contextlib.suppress(QmpCommandFailed):  # only a QEMU that was a sender has it set
+        await q_old.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": False}]})
     params: dict[str, Any] = {"mode": (saved or {}).get("mode") or "normal"}
-    if saved and saved.get("max-bandwidth") is not None:
-        params["max-bandwidth"] = saved["max-bandwidth"]
     await q_old.execute("migrate-set-parameters", params)
 
 

@@ -29,8 +29,8 @@ MECHANISMS = ("auto", "handoff", "sequential")
 _SUN_PATH_MAX = 107
 #: fdsets the sequential mechanism uses for the checkpoint (save on the old, load on the new)
 _SAVE_FDSET, _LOAD_FDSET = 41, 42
-#: bytes/s the handoff is slowed to when the test fault `upgrade-migrate` kills it midway
-_FAULT_BANDWIDTH = 32 * 1024
+#: seconds the test fault `upgrade-hold` keeps the migration in pre-switchover
+_HOLD_S = 30.0
 
 
 @dataclass
@@ -105,7 +105,7 @@ def upgrade(target: Target, *, qemu: str | None = None, mechanism: str = "auto",
     started = time.monotonic()
     try:
         up.preflight()
-        qmp_client.run_sync(up.run())
+        qmp_client.run_sync(up.run_guarded())
     finally:
         up.out.total_s = round(time.monotonic() - started, 3)
         up.close_fds()
@@ -124,6 +124,8 @@ class _Upgrade:
         self.proc: subprocess.Popen | None = None
         self.temp_paths: list[Path] = []    # removed on rollback
         self.suffix = qemu_argv.temp_suffix()
+        #: the new QEMU runs the guest: from here on the upgrade is finished, never undone
+        self.committed = False
 
     # -- preflight: nothing changes in the running QEMU ------------------------------------
     def preflight(self) -> None:
@@ -144,6 +146,36 @@ class _Upgrade:
         with self.progress.timed("probe", f"{self.new_binary}"):
             self.probe = qemu_binary.probe_cpr(self.new_binary)
         self.out.new_version = self.probe.version
+
+    async def run_guarded(self) -> None:
+        """run() with SIGTERM/SIGINT/SIGHUP turned into a cancellation, so the rollback of the
+        step under way runs; once the new QEMU runs the guest a signal only waits its turn."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        caught: list[int] = []
+        sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+        def on_signal(sig: int) -> None:
+            caught.append(sig)
+            if not self.committed:
+                task.cancel()
+
+        for sig in sigs:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await self.run()
+        except asyncio.CancelledError:
+            if not caught:
+                raise
+            raise UpgradeError(f"interrupted by {signal.Signals(caught[0]).name}; rolled back, the guest "
+                               f"runs in the old QEMU (pid {self.pid})", step="signal", vm=self.t.name) from None
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+        if caught:
+            raise UpgradeError(f"{signal.Signals(caught[0]).name} arrived after the new QEMU (pid "
+                               f"{self.out.new_pid}) had taken over; the upgrade was completed first",
+                               step="signal", vm=self.t.name)
 
     async def run(self) -> None:
         t, out = self.t, self.out
@@ -262,20 +294,24 @@ class _Upgrade:
         self.temp_paths.append(mig)
         saved = await handoff.migration_parameters(q_old)
         q_new = None
+        pending: list[asyncio.Future] = []
         try:
             q_new = await self._start_new(self.new_binary, ["-incoming", "defer", "-S"])
             new_events = q_new.watch("MIGRATION", "RESUME")
             old_events = q_old.watch("STOP")
             await handoff.receive(q_new, f"unix:{mig}")
             testmode.fault("upgrade-before-migrate", t.name, UpgradeError)
-            slow = _FAULT_BANDWIDTH if testmode.armed("upgrade-migrate", t.name) else None
+            kill_midway = testmode.armed("upgrade-migrate", t.name)
+            hold = kill_midway or testmode.armed("upgrade-hold", t.name)
             started = time.monotonic()
-            await handoff.start_send(q_old, f"unix:{mig}", max_bandwidth=slow)
+            await handoff.start_send(q_old, f"unix:{mig}", hold_before_switchover=hold)
+            if hold:
+                await self._hold_at_switchover(q_old, kill_midway)
             sent = asyncio.ensure_future(handoff.wait_sent(q_old, started + self.timeout))
-            if slow is not None:
-                await self._kill_new_midway(q_old)
+            pending.append(sent)
             arrived = asyncio.ensure_future(
                 new_events.wait("MIGRATION", self.timeout, match={"status": "completed"}))
+            pending.append(arrived)
             done, _ = await asyncio.wait({sent, arrived}, return_when=asyncio.FIRST_COMPLETED)
             if sent in done and sent.exception() is not None:
                 arrived.cancel()
@@ -288,6 +324,8 @@ class _Upgrade:
                 raise UpgradeError(f"the new QEMU did not receive the device state: {arrived.exception()}"
                                    f"{f'; old side: {info}' if info else ''}", step="migrate", vm=t.name)
         except BaseException as exc:
+            for fut in pending:
+                fut.cancel()
             await self._rollback_before_switch(q_old, q_new, saved, exc)
             raise
         # ---- the switch: the whole device state is in the new QEMU, which has not run yet ----
@@ -300,11 +338,19 @@ class _Upgrade:
             if self.proc.poll() is not None:
                 raise QemuError(f"the new QEMU (pid {self.proc.pid}) exited with status {self.proc.returncode}")
             if out.was_running:
+                # from the cont on a signal must not interrupt: the new QEMU may be running
+                self.committed = True
                 await q_new.cont(timeout=5)
                 resume = await new_events.wait("RESUME", 5)
             status = await q_new.status(timeout=5)
             if status != ("running" if out.was_running else "paused"):
                 raise QemuError(f"the new QEMU is {status!r} after the handover")
+            self.committed = True
+        except asyncio.CancelledError:
+            if resume is not None:
+                raise
+            await self._rollback_after_switch(q_old, q_new, saved, None, "interrupted")
+            raise
         except LuoAgentError as exc:
             await self._rollback_after_switch(q_old, q_new, saved, resume, exc)
             raise UpgradeError(
@@ -321,19 +367,23 @@ class _Upgrade:
         self.temp_paths.remove(mig)
         with contextlib.suppress(OSError):
             mig.unlink()
+        with contextlib.suppress(LuoAgentError):
+            await handoff.reset(q_new)  # leave the new QEMU's migration settings as a fresh one has them
         await q_new.close()
         await self._retire_old(q_old)
 
-    async def _kill_new_midway(self, q_old: Qmp) -> None:
-        """Test fault `upgrade-migrate`: once the (slowed) stream is flowing, SIGKILL the new QEMU."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            info = await q_old.execute("query-migrate")
-            if info.get("status") == "active" and handoff.bytes_moved(info) > 0:
-                break
-            await asyncio.sleep(0.01)
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+    async def _hold_at_switchover(self, q_old: Qmp, kill: bool) -> None:
+        """Test faults: the migration waits in pre-switchover (RAM pass done, guest stopped,
+        device state not sent); `upgrade-migrate` then SIGKILLs the new QEMU (a real death),
+        `upgrade-hold` waits up to _HOLD_S for a signal to luoagent. Then the stream goes on."""
+        await handoff.wait_state(q_old, "pre-switchover", 10)
+        if kill:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        else:
+            self.progress.log(f"VM {self.t.name}: test fault upgrade-hold: migration held before switchover")
+            await asyncio.sleep(_HOLD_S)
+        await handoff.continue_switchover(q_old)
 
     async def _rollback_before_switch(self, q_old: Qmp, q_new: Qmp | None, saved: dict, exc) -> None:
         self.progress.log(f"VM {self.t.name}: upgrade failed before the switch ({exc}); rolling back")
@@ -421,6 +471,7 @@ class _Upgrade:
                 raise UpgradeError(f"the new QEMU failed after the checkpoint ({exc}); the guest runs "
                                    f"again in {self.out.old_qemu} (pid {self.proc.pid})",
                                    step="start-new", vm=t.name) from exc
+            self.committed = True
             try:
                 resume = self._resume_event
                 if stop is not None and resume is not None:

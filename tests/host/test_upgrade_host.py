@@ -256,3 +256,52 @@ def test_bad_input_is_refused_up_front(lab_qemu, guest_elf, root, tmp_path):
         assert r.returncode in (1, 2) and text in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert_guest_alive(rec["pid"], sock, counter)
     assert _qemus_using(root) == [rec["pid"]]
+
+
+def test_sigterm_to_luoagent_midway_rolls_back(lab_qemu, guest_elf, root):
+    """A real SIGTERM to the luoagent process while the migration is held before switchover
+    (the guest is stopped then: rollback must resume it)."""
+    rec = start(root, lab_qemu, guest_elf)
+    sock = Path(rec["qmp_socket"])
+    counter = assert_guest_alive(rec["pid"], sock)
+    env = dict(os.environ, LUOAGENT_VM_ROOT=str(root), LUOAGENT_FAULT="upgrade-hold",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "luoagent", "--test-mode", "vm", "upgrade", "a"],
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if "migration held before switchover" in line:
+            break
+    new = [pid for pid in _qemus_using(root) if pid != rec["pid"]]
+    assert len(new) == 1, lines
+    # the guest really is stopped there: its counter stands still
+    [b] = json.loads((root / "a" / "vm.json").read_text())["ram"]
+    fd = procfs.steal_fd(rec["pid"], b["fd"])
+    try:
+        c1 = guest.read_state(fd).counter
+        time.sleep(0.3)
+        assert guest.read_state(fd).counter == c1, "the guest was not stopped before switchover"
+    finally:
+        os.close(fd)
+    p.send_signal(15)
+    rest = p.stderr.read()
+    assert p.wait(60) == 1, "".join(lines) + rest
+    assert "interrupted by SIGTERM; rolled back" in rest and "Traceback" not in rest, rest
+    assert_guest_alive(rec["pid"], sock, counter)
+    assert _qemus_using(root) == [rec["pid"]]
+    state = qmp_state(sock)
+    assert state["caps"]["x-ignore-shared"] is False, state
+
+
+def test_upgrade_all(lab_qemu, guest_elf, root):
+    recs = [start(root, lab_qemu, guest_elf, name) for name in ("a", "b")]
+    counters = [assert_guest_alive(r["pid"], Path(r["qmp_socket"])) for r in recs]
+    r = luoagent(root, "vm", "upgrade", "--all", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] and [v["name"] for v in doc["vms"]] == ["a", "b"]
+    for v, rec, c in zip(doc["vms"], recs, counters):
+        assert v["pause_ms"] > 0
+        assert_guest_alive(v["new_pid"], Path(rec["qmp_socket"]), c)
+    assert sorted(_qemus_using(root)) == sorted(v["new_pid"] for v in doc["vms"])
