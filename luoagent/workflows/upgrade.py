@@ -126,6 +126,7 @@ class _Upgrade:
         self.suffix = qemu_argv.temp_suffix()
         #: the new QEMU runs the guest: from here on the upgrade is finished, never undone
         self.committed = False
+        self._faulted = False
 
     # -- preflight: nothing changes in the running QEMU ------------------------------------
     def preflight(self) -> None:
@@ -239,7 +240,8 @@ class _Upgrade:
 
     async def _start_new(self, binary, extra: list[str]) -> Qmp:
         argv = [*self.plan.argv, *extra]
-        if testmode.armed("upgrade-start-new", self.t.name):
+        if testmode.armed("upgrade-start-new", self.t.name) and binary == self.new_binary and not self._faulted:
+            self._faulted = True  # once: a recovery start of the old binary must not be refused
             argv.append("-luoagent-test-fault")  # QEMU itself refuses to start on an unknown option
         logpath = self._log_path()
         fd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -468,6 +470,7 @@ class _Upgrade:
                 q_new = await self._start_loaded(Path(self.out.old_qemu), vmstate)
                 await q_new.close()
                 self._rename_into_place()
+                self._write_record(Path(self.out.old_qemu), self.out.old_version, upgraded=False)
                 raise UpgradeError(f"the new QEMU failed after the checkpoint ({exc}); the guest runs "
                                    f"again in {self.out.old_qemu} (pid {self.proc.pid})",
                                    step="start-new", vm=t.name) from exc
@@ -520,8 +523,12 @@ class _Upgrade:
 
     # -- after ----------------------------------------------------------------------------
     def _finish(self) -> None:
+        self.out.ok = True
+        self._write_record(self.new_binary, self.out.new_version, upgraded=True)
+
+    def _write_record(self, binary: Path, version: str, *, upgraded: bool) -> None:
+        """Point a `vm start` VM's record at the QEMU that now runs it (pid, binary, argv)."""
         out, t = self.out, self.t
-        out.ok = True
         if t.record is not None:
             rec = t.record
             renames = {tmp: final for tmp, final in self.plan.renames}
@@ -533,14 +540,15 @@ class _Upgrade:
                    and argv[i + 1].startswith(f"unix:{t.qmp_socket},")]
             for i in reversed(cut):
                 del argv[i:i + 2]
-            rec.pid = out.new_pid
-            rec.qemu = str(self.new_binary)
-            rec.qemu_version = out.new_version
+            rec.pid = self.proc.pid
+            rec.qemu = str(binary)
+            rec.qemu_version = version
             rec.argv = argv
-            rec.upgrades = [*rec.upgrades, {"at_ns": time.time_ns(), "mechanism": out.mechanism,
-                                            "from": out.old_version, "to": out.new_version,
-                                            "pause_ms": out.pause_ms, "old_pid": out.old_pid,
-                                            "new_pid": out.new_pid}]
+            if upgraded:
+                rec.upgrades = [*rec.upgrades, {"at_ns": time.time_ns(), "mechanism": out.mechanism,
+                                                "from": out.old_version, "to": out.new_version,
+                                                "pause_ms": out.pause_ms, "old_pid": out.old_pid,
+                                                "new_pid": out.new_pid}]
             vmwf.write_record(rec)
 
     def close_fds(self) -> None:

@@ -305,3 +305,34 @@ def test_upgrade_all(lab_qemu, guest_elf, root):
         assert v["pause_ms"] > 0
         assert_guest_alive(v["new_pid"], Path(rec["qmp_socket"]), c)
     assert sorted(_qemus_using(root)) == sorted(v["new_pid"] for v in doc["vms"])
+
+
+def test_sequential_new_qemu_refusing_after_the_checkpoint_restarts_the_old_binary(lab_qemu, guest_elf, root):
+    """Sequential has a point of no return (the old QEMU quits): a new QEMU that then refuses
+    to start must not lose the guest; the old binary is started again from the checkpoint."""
+    rec = start(root, lab_qemu, guest_elf)
+    sock = Path(rec["qmp_socket"])
+    counter = assert_guest_alive(rec["pid"], sock)
+    r = luoagent(root, "vm", "upgrade", "a", "--mechanism", "sequential", fault="upgrade-start-new")
+    assert r.returncode == 1 and "the guest runs again in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not procfs.pid_alive(rec["pid"])
+    now = record(root)
+    assert now["pid"] != rec["pid"] and now["upgrades"] == []
+    assert_guest_alive(now["pid"], sock, counter)
+    assert _qemus_using(root) == [now["pid"]]
+    listed = json.loads(luoagent(root, "vm", "list", "--json", check=True).stdout)["vms"]
+    assert [(x["pid"], x["status"]) for x in listed] == [(now["pid"], "running")]
+
+
+def test_benchmark_prints_pause_per_size_for_each_mechanism():
+    """benchmarks/bench_upgrade.py runs and reports both mechanisms for the smallest and the
+    largest size (numbers only: nothing about speed is asserted)."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_upgrade.py"), "--sizes", "64M,4G",
+                        "--repeat", "1", "--json"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(x["ram_bytes"], x["mechanism"]) for x in doc["runs"]] == [
+        (64 << 20, "handoff"), (64 << 20, "sequential"), (4 << 30, "handoff"), (4 << 30, "sequential")]
+    assert all(x["pause_ms"] > 0 and x["bytes_moved"] > 0 for x in doc["runs"]), doc["runs"]
+    print(json.dumps(doc["summary"], indent=1))
