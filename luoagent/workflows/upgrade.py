@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from luoagent import log, memfd, testmode
 from luoagent.adapters import cpr, handoff, procfs, qemu_argv, qemu_binary, qemu_ram, qmp_client
@@ -93,15 +94,20 @@ def resolve_targets(specs: list[str], all_vms: bool, root) -> list[Target]:
 
 
 def upgrade(target: Target, *, qemu: str | None = None, mechanism: str = "auto",
-            timeout: float = 30.0, progress: Progress | None = None) -> Outcome:
+            timeout: float = 30.0, progress: Progress | None = None,
+            before_retire: Callable[[int, int], None] | None = None) -> Outcome:
     """Move ``target``'s guest into a new QEMU process (``qemu`` or the VM's own binary).
 
     Before the switch any failure leaves the old QEMU running as it was and the new one gone;
-    after it the old QEMU is retired only once the new one runs the guest."""
+    after it the old QEMU is retired only once the new one runs the guest.
+    ``before_retire(new_pid, old_pid)``: called (handoff) once the new QEMU runs the guest and
+    the old one still exists, e.g. for a supervisor to announce the new main PID
+    (sd_notify MAINPID=) before the old process exits."""
     if mechanism not in MECHANISMS:
         raise UsageError(f"--mechanism {mechanism!r}: choose one of {', '.join(MECHANISMS)}")
     progress = progress or Progress("upgrade")
     up = _Upgrade(target, qemu, mechanism, timeout, progress)
+    up.before_retire = before_retire
     started = time.monotonic()
     try:
         up.preflight()
@@ -127,6 +133,7 @@ class _Upgrade:
         #: the new QEMU runs the guest: from here on the upgrade is finished, never undone
         self.committed = False
         self._faulted = False
+        self.before_retire: Callable[[int, int], None] | None = None
 
     # -- preflight: nothing changes in the running QEMU ------------------------------------
     def preflight(self) -> None:
@@ -372,6 +379,11 @@ class _Upgrade:
         with contextlib.suppress(LuoAgentError):
             await handoff.reset(q_new)  # leave the new QEMU's migration settings as a fresh one has them
         await q_new.close()
+        if self.before_retire is not None:
+            try:
+                self.before_retire(self.proc.pid, self.pid)
+            except Exception as exc:  # the new QEMU runs the guest: finish the upgrade regardless
+                logger.warning("upgrade.before_retire_failed", vm=t.name, error=str(exc))
         await self._retire_old(q_old)
 
     async def _hold_at_switchover(self, q_old: Qmp, kill: bool) -> None:

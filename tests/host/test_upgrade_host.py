@@ -336,3 +336,34 @@ def test_benchmark_prints_pause_per_size_for_each_mechanism():
         (64 << 20, "handoff"), (64 << 20, "sequential"), (4 << 30, "handoff"), (4 << 30, "sequential")]
     assert all(x["pause_ms"] > 0 and x["bytes_moved"] > 0 for x in doc["runs"]), doc["runs"]
     print(json.dumps(doc["summary"], indent=1))
+
+
+def test_supervisor_hook_sees_both_processes_before_the_old_one_goes(lab_qemu, guest_elf, root, monkeypatch):
+    """What a unit's supervisor (issue 9) needs to move MAINPID: a call with the new pid while
+    the new QEMU already runs the guest and the old one still exists."""
+    from luoagent import report
+    from luoagent.workflows import upgrade as up
+    from luoagent.workflows import vm as vmwf
+
+    rec = start(root, lab_qemu, guest_elf)
+    sock = Path(rec["qmp_socket"])
+    counter = assert_guest_alive(rec["pid"], sock)
+    seen = []
+
+    def hook(new_pid, old_pid):
+        [b] = rec["ram"]
+        fd = procfs.steal_fd(new_pid, b["fd"])  # the guest already counts in the new process
+        try:
+            c1 = guest.read_state(fd).counter
+            time.sleep(0.2)
+            rising = guest.read_state(fd).counter > c1 > counter
+        finally:
+            os.close(fd)
+        seen.append((new_pid, old_pid, procfs.pid_alive(old_pid), rising))
+
+    monkeypatch.setenv("LUOAGENT_VM_ROOT", str(root))
+    out = up.upgrade(up.Target("a", sock, vmwf.load_record("a", root)), qemu=str(lab_qemu),
+                     progress=report.Progress("upgrade", quiet=True), before_retire=hook)
+    assert seen == [(out.new_pid, rec["pid"], True, True)]
+    assert not procfs.pid_alive(rec["pid"])
+    assert_guest_alive(out.new_pid, sock, counter)
