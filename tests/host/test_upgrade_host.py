@@ -7,7 +7,6 @@ canary is read through an fd taken from the QEMU that runs the guest at that mom
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -367,3 +366,22 @@ def test_supervisor_hook_sees_both_processes_before_the_old_one_goes(lab_qemu, g
     assert seen == [(out.new_pid, rec["pid"], True, True)]
     assert not procfs.pid_alive(rec["pid"])
     assert_guest_alive(out.new_pid, sock, counter)
+
+
+def test_paused_vm_is_upgraded_and_stays_paused(lab_qemu, guest_elf, root):
+    rec = start(root, lab_qemu, guest_elf)
+    sock = Path(rec["qmp_socket"])
+    counter = assert_guest_alive(rec["pid"], sock)
+
+    async def command(cmd):
+        async with await qmp_client.Qmp.connect(sock, timeout=10) as q:
+            await q.execute(cmd)
+
+    qmp_client.run_sync(command("stop"))
+    r = luoagent(root, "vm", "upgrade", "a", "--json")
+    assert r.returncode == 0, r.stderr
+    [v] = json.loads(r.stdout)["vms"]
+    assert v["was_running"] is False and v["pause_ms"] is None, v
+    assert procfs.peer_pid(sock) == v["new_pid"] and qmp_state(sock)["status"] == "paused"
+    qmp_client.run_sync(command("cont"))
+    assert_guest_alive(v["new_pid"], sock, counter)
