@@ -321,17 +321,27 @@ class _Upgrade:
             arrived = asyncio.ensure_future(
                 new_events.wait("MIGRATION", self.timeout, match={"status": "completed"}))
             pending.append(arrived)
-            done, _ = await asyncio.wait({sent, arrived}, return_when=asyncio.FIRST_COMPLETED)
+            # the destination decides: the source can report "completed" although the new QEMU
+            # died before switchover (docs/facts.md), so wait for the new one's own event, and
+            # fail at once if its process exits
+            exited = asyncio.ensure_future(_exit_of(self.proc))
+            pending.append(exited)
+            done, _ = await asyncio.wait({sent, arrived, exited}, return_when=asyncio.FIRST_COMPLETED)
             if sent in done and sent.exception() is not None:
-                arrived.cancel()
                 raise UpgradeError(f"moving the device state failed: {sent.exception()}",
                                    step="migrate", vm=t.name)
             if arrived not in done:
-                await asyncio.wait({arrived})
+                done, _ = await asyncio.wait({arrived, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if arrived not in done:
+                raise UpgradeError(f"moving the device state failed: the new QEMU (pid {self.proc.pid}) exited "
+                                   f"with status {self.proc.returncode} before it had the whole state",
+                                   step="migrate", vm=t.name)
             if arrived.exception() is not None:
                 info = await _settled(sent)
-                raise UpgradeError(f"the new QEMU did not receive the device state: {arrived.exception()}"
-                                   f"{f'; old side: {info}' if info else ''}", step="migrate", vm=t.name)
+                raise UpgradeError(f"moving the device state failed: the new QEMU did not receive it: "
+                                   f"{arrived.exception()}{f'; old side: {info}' if info else ''}",
+                                   step="migrate", vm=t.name)
+            exited.cancel()
         except BaseException as exc:
             for fut in pending:
                 fut.cancel()
@@ -568,6 +578,13 @@ class _Upgrade:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.ram_fds.clear()
+
+
+async def _exit_of(proc: subprocess.Popen) -> int:
+    """The exit status of ``proc``, once it has exited (polled: a child's exit has no event here)."""
+    while proc.poll() is None:
+        await asyncio.sleep(0.01)
+    return proc.returncode
 
 
 async def _settled(task) -> str:
