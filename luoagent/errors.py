@@ -34,6 +34,7 @@ Every message says what happened and what to do; the CLI prints ``str(exc)`` and
      │    ├── ManifestVersionError  unknown major schema version
      │    └── ManifestCorrupt       unparsable or inconsistent manifest
      ├── UpdateError                a live update failed before the point of no return
+     ├── UpgradeError               `vm upgrade` could not move a guest to a new QEMU process
      ├── RestoreError               a VM could not be restored after kexec
      ├── LabError                   the nested test lab
      │    ├── LabBuildError         kernel / rootfs / guest build failed
@@ -196,6 +197,15 @@ class ManifestCorrupt(ManifestError):
 # --- workflows -------------------------------------------------------------------------
 class UpdateError(LuoAgentError):
     """Update failed before the point of no return; ``step`` and ``vm`` say where."""
+
+    def __init__(self, message: str, step: str | None = None, vm: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.vm = vm
+
+
+class UpgradeError(LuoAgentError):
+    """`vm upgrade` failed; ``step`` and ``vm`` say where. The message says which QEMU runs the guest."""
 
     def __init__(self, message: str, step: str | None = None, vm: str | None = None):
         super().__init__(message)

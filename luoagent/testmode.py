@@ -5,7 +5,11 @@ Without --test-mode the variables are ignored (a warning says so), so a stray en
 inject faults into a real host. In test mode `update` never kexecs: it makes the reboot syscall
 only when no kexec image is loaded, so the syscall must fail (docs/architecture.md).
 Fault points: update's after-preflight, after-preserve-ram, quiesce[:VM], after-quiesce,
-after-manifest, reboot; restore's restore-vm[:VM]. A bare point fires for every VM."""
+after-manifest, reboot; restore's restore-vm[:VM]; `vm upgrade`'s upgrade-start-new[:VM] (the
+new QEMU gets an option it refuses), upgrade-before-migrate[:VM], upgrade-migrate[:VM] (the
+migration is held before switchover, guest stopped, and the new QEMU is SIGKILLed there),
+upgrade-hold[:VM] (held there up to 30 s, for a signal sent to luoagent midway), upgrade-after-switch[:VM] (the new
+QEMU is SIGKILLed once it holds the whole device state). A bare point fires for every VM."""
 
 from __future__ import annotations
 

@@ -82,12 +82,59 @@ def launch(
     log: str | os.PathLike | None = None,
     *,
     daemon: bool = False,
+    fd_map: dict[int, int] | None = None,
 ) -> subprocess.Popen:
     """Start ``binary argv...`` with ``pass_fds`` inherited at the same numbers.
 
+    ``fd_map`` {number in QEMU: our fd}: inherit our fd at that exact number (a second QEMU
+    on the same RAM needs the memfd where ``mem-path=/proc/self/fd/N`` points);
     ``qmp_socket`` adds ``-qmp unix:PATH,server=on,wait=off`` (a stale socket file is removed);
     ``log`` receives QEMU's stdout+stderr; ``daemon`` puts it in its own session so it
     outlives the caller."""
+    if fd_map:
+        with _placed_fds(fd_map) as (keep, preexec):
+            return _launch(binary, argv, [*pass_fds, *keep], qmp_socket, log, daemon=daemon,
+                           _preexec=preexec)
+    return _launch(binary, argv, pass_fds, qmp_socket, log, daemon=daemon)
+
+
+@contextlib.contextmanager
+def _placed_fds(fd_map: dict[int, int]):
+    """Arrange for each ``fd_map`` source to appear at its target number in the child.
+
+    A free target number is filled here in the parent (so subprocess's own pipes cannot take
+    it); an occupied one is overwritten in the child just before exec (preexec_fn runs before
+    subprocess closes the fds not kept)."""
+    opened: list[int] = []
+    late: list[tuple[int, int]] = []
+    try:
+        for target, source in sorted(fd_map.items()):
+            if target <= 2:
+                raise QemuError(f"cannot place an inherited fd at number {target} (stdio)")
+            try:
+                os.fstat(target)
+                in_use = True
+            except OSError:
+                in_use = False
+            if in_use and target != source:
+                late.append((os.dup(source), target))
+                opened.append(late[-1][0])
+            elif not in_use:
+                os.dup2(source, target, inheritable=False)
+                opened.append(target)
+
+        def preexec() -> None:
+            for source, target in late:
+                os.dup2(source, target)
+
+        yield list(fd_map), (preexec if late else None)
+    finally:
+        for fd in opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=None) -> subprocess.Popen:
     full = [str(binary), *argv]
     if qmp_socket is not None:
         with contextlib.suppress(FileNotFoundError):
@@ -102,6 +149,7 @@ def launch(
             stdout=out,
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
             start_new_session=daemon,
+            preexec_fn=_preexec,
         )
     except OSError as exc:
         raise QemuNotFound(f"cannot start {binary}: {exc}") from exc
@@ -130,6 +178,10 @@ class CprProbe:
     fdset_mem_backend: bool
     version: str
     details: dict = field(default_factory=dict)
+    #: machine type names this binary knows (query-machines), e.g. "pc-i440fx-11.1"
+    machines: tuple[str, ...] = ()
+    #: migrate-set-parameters mode=cpr-transfer accepted
+    cpr_transfer: bool = False
 
     @property
     def usable(self) -> bool:
@@ -165,6 +217,13 @@ async def _probe(proc: subprocess.Popen, sock: Path, version: str, timeout: floa
         except QmpCommandFailed as exc:
             cpr_reboot = False
             details["cpr_reboot_error"] = exc.desc
+        try:
+            await q.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+            cpr_transfer = True
+        except QmpCommandFailed as exc:
+            cpr_transfer = False
+            details["cpr_transfer_error"] = exc.desc
+        machines = tuple(sorted(str(m["name"]) for m in await q.execute("query-machines")))
         caps = await q.execute("query-migrate-capabilities")
         names = {c["capability"] for c in caps}
         x_ignore_shared = "x-ignore-shared" in names
@@ -195,7 +254,8 @@ async def _probe(proc: subprocess.Popen, sock: Path, version: str, timeout: floa
         finally:
             os.close(fd)
         await q.quit()
-    return CprProbe(cpr_reboot, x_ignore_shared, fdset_mem_backend, version, details)
+    return CprProbe(cpr_reboot, x_ignore_shared, fdset_mem_backend, version, details,
+                    machines=machines, cpr_transfer=cpr_transfer)
 
 
 def log_tail(path: Path, limit: int = 600) -> str:

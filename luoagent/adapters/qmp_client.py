@@ -29,6 +29,7 @@ class Qmp:
     def __init__(self, client, socket_path: Path):
         self._client = client
         self.socket_path = socket_path
+        self._watches: list["EventWatch"] = []
 
     # -- connection ----------------------------------------------------------------------
     @classmethod
@@ -78,7 +79,17 @@ class Qmp:
         )
 
     async def close(self) -> None:
+        for watch in list(self._watches):
+            watch.close()
         await _quiet_disconnect(self._client)
+
+    # -- events --------------------------------------------------------------------------
+    def watch(self, *names: str) -> "EventWatch":
+        """Start collecting the QMP events ``names`` (e.g. STOP, RESUME) from now on; events
+        that happen before this call are not seen, so call it before causing them."""
+        watch = EventWatch(self, names)
+        self._watches.append(watch)
+        return watch
 
     async def __aenter__(self) -> "Qmp":
         return self
@@ -152,6 +163,53 @@ class Qmp:
         """Ask QEMU to exit; the connection dropping while it does so is success."""
         with contextlib.suppress(QmpUnreachable):
             await self.execute("quit", timeout=timeout)
+
+
+class EventWatch:
+    """QMP events of some names on one connection, in arrival order (qemu.qmp EventListener)."""
+
+    def __init__(self, qmp: Qmp, names: tuple[str, ...]):
+        from qemu.qmp import EventListener
+
+        self._qmp = qmp
+        self.names = names
+        self._listener = EventListener(list(names))
+        qmp._client.register_listener(self._listener)
+        self._closed = False
+
+    async def wait(self, name: str, timeout: float, match: Mapping[str, Any] | None = None) -> dict:
+        """The next ``name`` event (whose data contains ``match``, if given) as a dict; earlier
+        events of other names are dropped. QmpUnreachable if none comes within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                msg = await asyncio.wait_for(self._listener.get(), timeout=remaining)
+            except asyncio.TimeoutError:
+                raise QmpUnreachable(
+                    f"no {name} event from {self._qmp.socket_path} within {timeout:g} s"
+                    f"{f' (with {dict(match)})' if match else ''}; QEMU may have exited or hung"
+                ) from None
+            event = dict(msg)
+            data = event.get("data") or {}
+            if event.get("event") == name and all(data.get(k) == v for k, v in (match or {}).items()):
+                return event
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._qmp._client.remove_listener(self._listener)
+            with contextlib.suppress(ValueError):
+                self._qmp._watches.remove(self)
+
+
+def event_time_ns(event: Mapping[str, Any]) -> int:
+    """When QEMU emitted ``event``, from its own timestamp (host realtime clock, microseconds)."""
+    ts = event.get("timestamp") or {}
+    return int(ts.get("seconds", 0)) * 1_000_000_000 + int(ts.get("microseconds", 0)) * 1_000
 
 
 async def _quiet_disconnect(client) -> None:

@@ -53,6 +53,7 @@ class VmRecord:
     ram: list[dict] = field(default_factory=list)  # [{"id", "size", "fd"}]: fd = number in QEMU
     created_ns: int = 0
     restored: bool = False
+    upgrades: list[dict] = field(default_factory=list)  # one entry per `vm upgrade`
     schema: int = RECORD_SCHEMA
 
     @property
@@ -122,7 +123,8 @@ def _record_from(data: dict, path: Path) -> VmRecord:
     return record
 
 
-def _write_record(record: VmRecord) -> None:
+def write_record(record: VmRecord) -> None:
+    """Write ``record`` as VM_DIR/vm.json (atomically: a temporary file renamed over it)."""
     sdir = Path(record.vm_dir)
     tmp = record_path(sdir).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
@@ -151,7 +153,7 @@ def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv
         vm_dir=str(sdir), qmp_socket=str(qmp_socket), serial_log=serial, log=str(log),
         ram=[dict(r) for r in ram], created_ns=time.time_ns(), restored=True,
     )
-    _write_record(record)
+    write_record(record)
     return record
 
 
@@ -267,7 +269,7 @@ def start_vm(
         log=str(qemu_log), ram=[{"id": b.id, "size": b.size, "fd": b.qemu_fd} for b in backends],
         created_ns=time.time_ns(),
     )
-    _write_record(record)
+    write_record(record)
     logger.info("VM running", vm=name, status=status, vm_dir=str(sdir))
     return record
 
@@ -438,6 +440,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--vm-dir DIR] [--json] [-- QEMU_ARGS...]"
     p.epilog = "QEMU_ARGS: further QEMU options after '--', e.g. -- -machine pc -kernel guest.elf"
 
+    p = sub.add_parser("upgrade", help="move a running guest into a new QEMU process, RAM in place",
+                       description="Start a new QEMU (--qemu, default the VM's own binary) on the "
+                       "same RAM memfds, move the device state, switch, retire the old process.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="VM name in the VM root, or NAME=QMP_SOCKET for a QEMU started by another tool")
+    p.add_argument("--all", action="store_true", help="every VM in the VM root")
+    p.add_argument("--qemu", help="the new qemu-system-x86_64 (default: the binary the VM runs)")
+    p.add_argument("--mechanism", default="auto", help="auto (default), handoff or sequential")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per QEMU step (default 30)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("list", help="list VMs with their QMP status")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -459,6 +472,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"VM {record.name} running: pid {record.pid}, {record.memory >> 20} MiB RAM in a memfd, "
                   f"QMP {record.qmp_socket}, serial {record.serial_log or '(from your QEMU_ARGS)'}")
         return 0
+    if args.vm_action == "upgrade":
+        from luoagent.workflows import upgrade  # upgrade builds on this module
+
+        return upgrade.run_cli(args)
     if args.vm_action == "list":
         rows = [describe(r) for r in list_records(args.root)]
         if args.json:
