@@ -470,7 +470,7 @@ class _Upgrade:
             try:
                 if out.was_running:
                     await q_old.stop()
-                info = await cpr.save(q_old, f"file:/dev/fdset/{_SAVE_FDSET}", configured=True)
+                await cpr.save(q_old, f"file:/dev/fdset/{_SAVE_FDSET}", configured=True)
                 testmode.fault("upgrade-before-migrate", t.name, UpgradeError)
             except BaseException:
                 with contextlib.suppress(LuoAgentError):
