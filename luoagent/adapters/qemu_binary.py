@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from luoagent.adapters import procfs
+from luoagent.adapters import private_files, procfs
 from luoagent.adapters.qmp_client import Qmp, run_sync
 from luoagent.errors import QemuError, QemuNotFound, QmpCommandFailed, QmpUnreachable
 
@@ -93,7 +93,7 @@ def launch(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp_socket)
         full += qmp_args(qmp_socket)
-    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    out = os.fdopen(private_files.open_append(log), "ab") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(
             full,
@@ -102,6 +102,8 @@ def launch(
             stdout=out,
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
             start_new_session=daemon,
+            # what QEMU creates itself (serial log, pidfile, sockets) holds guest output: 0600
+            umask=0o077,
         )
     except OSError as exc:
         raise QemuNotFound(f"cannot start {binary}: {exc}") from exc

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from luoagent import manifest as mf
 from luoagent import memfd, testmode
-from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
+from luoagent.adapters import cpr, private_files, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
@@ -140,8 +140,8 @@ def retrieve_manifest(lu) -> tuple[object, mf.Manifest]:
         # describes stay retrievable for the rest of this boot (by a luoagent that reads it).
         saved = DEFAULT_RESCUE_DIR / f"manifest-{time.time_ns()}.json"
         try:
-            DEFAULT_RESCUE_DIR.mkdir(parents=True, exist_ok=True)
-            saved.write_bytes(os.pread(fd, mf.MANIFEST_MAX_BYTES, 0))
+            private_files.makedirs(DEFAULT_RESCUE_DIR)  # VM argv may hold secrets: 0700 / 0600
+            private_files.write_bytes(saved, os.pread(fd, mf.MANIFEST_MAX_BYTES, 0))
             exc.args = (f"{exc}; the manifest was saved to {saved}; the VM sessions stay preserved "
                         "until the next reboot",) + exc.args[1:]
         except OSError:
@@ -158,7 +158,7 @@ def retrieve_manifest(lu) -> tuple[object, mf.Manifest]:
 def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
     """Recreate the directories (tmpfs /run is empty after kexec) and remove a stale socket."""
     sock = Path(qmp_socket)
-    sock.parent.mkdir(parents=True, exist_ok=True)
+    private_files.makedirs(sock.parent)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     for i, a in enumerate(argv[:-1]):
@@ -169,7 +169,7 @@ def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
         elif a in ("-serial", "--serial") and value.startswith("file:"):
             path = value[len("file:"):]
         if path and path.startswith("/"):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_files.makedirs(Path(path).parent)
 
 
 def _has_qmp_on(argv: list[str], qmp_socket: str) -> bool:
@@ -201,7 +201,7 @@ async def start_incoming(
     argv = qemu_ram.restore_argv(vm.argv, mem_paths)
     _prepare_paths(argv, vm.qmp_socket)
     vm_dir = opts.vm_root / vm.name
-    vm_dir.mkdir(parents=True, exist_ok=True)
+    private_files.makedirs(vm_dir)
     log_path = vm_dir / "qemu.log"
     # `luoagent vm start` records argv without its -qmp; an adopted QEMU's argv has its own
     own_qmp = None if _has_qmp_on(argv, vm.qmp_socket) else vm.qmp_socket
@@ -265,7 +265,7 @@ def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str],
 def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue_root: Path) -> Path:
     """Write RAM files + vmstate + restore.json under ``rescue_root/NAME-TIME``; fsync'd."""
     target = rescue_root / f"{vm.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-    target.mkdir(parents=True, exist_ok=False)
+    private_files.mkdir(target)  # guest RAM: 0700, files 0600, from creation on
     need = vm.ram_bytes + vm.vmstate.size
     free = shutil.disk_usage(target).free
     if free < need:
@@ -287,7 +287,7 @@ def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue
         "ram_files": ram_files,
         "vmstate": str(target / "vmstate"),
     }
-    (target / "restore.json").write_text(json.dumps(doc, indent=1))
+    private_files.write_text(target / "restore.json", json.dumps(doc, indent=1), fsync=True)
     dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -297,7 +297,7 @@ def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue
 
 
 def _copy_fd(src: int, path: Path, size: int) -> None:
-    with open(path, "wb") as f:
+    with os.fdopen(private_files.open_new(path), "wb") as f:
         os.ftruncate(f.fileno(), size)
         # only data extents: guest RAM is mostly holes/zero pages, and the file stays sparse
         for start, end in memfd.data_extents(src, size):

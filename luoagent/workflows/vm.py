@@ -19,7 +19,7 @@ from luoagent import log
 from luoagent import manifest as mf
 from luoagent import memfd
 from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
-from luoagent.adapters import procfs
+from luoagent.adapters import private_files, procfs
 from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
@@ -80,8 +80,7 @@ def vm_root(explicit: str | os.PathLike | None = None) -> Path:
 
 def _prepare_dir(path: Path) -> None:
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+        private_files.makedirs(path)  # 0700 from creation: it holds the argv and the QMP socket
     except PermissionError as exc:
         raise UsageError(
             f"cannot create VM directory {path}: {exc.strerror}; run as root or pass "
@@ -123,10 +122,8 @@ def _record_from(data: dict, path: Path) -> VmRecord:
 
 
 def _write_record(record: VmRecord) -> None:
-    sdir = Path(record.vm_dir)
-    tmp = record_path(sdir).with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    os.replace(tmp, record_path(sdir))
+    # 0600: the argv may carry secrets (-object secret,data=...)
+    private_files.write_text(record_path(Path(record.vm_dir)), json.dumps(asdict(record), indent=2) + "\n")
 
 
 def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv: list[str],
@@ -232,7 +229,8 @@ def start_vm(
     sock = sdir / "qmp.sock"
     qemu_log = sdir / "qemu.log"
     serial = None if _has_any(qemu_args, "-serial", "-nographic", "-chardev") else sdir / "serial.log"
-    qemu_log.write_bytes(b"")
+    os.close(private_files.open_append(qemu_log))
+    os.truncate(qemu_log, 0)
 
     ram = memfd.create(f"luoagent-vm-{name}", memory)
     try:
