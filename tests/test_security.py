@@ -91,3 +91,131 @@ def test_unparsable_manifest_is_saved_private(tmp_path, monkeypatch, open_umask)
     [saved] = (tmp_path / "var" / "rescue").iterdir()
     assert _mode(tmp_path / "var") == 0o700 and _mode(tmp_path / "var" / "rescue") == 0o700
     assert _mode(saved) == 0o600 and saved.read_bytes() == b"{not json"
+
+
+# ---- 5. input that crosses the kexec ------------------------------------------------------
+def _doc(**vm_changes):
+    doc = make_manifest("a").to_dict()
+    doc["vms"][0].update(vm_changes)
+    return doc
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"pid": "12"}, "'pid' must be an integer"),
+    ({"pid": 1.5}, "'pid' must be an integer"),
+    ({"pid": True}, "'pid' must be an integer"),
+    ({"pid": -1}, "pid -1 is out of range"),
+    ({"uid": "0"}, "'uid' must be an integer"),
+    ({"ram": [{"id": "ram0", "size": 1 << 20, "token": 1}, {"id": "ram0", "size": 1 << 20, "token": 2}]},
+     "RAM backend id twice"),
+    ({"ram": [{"id": "ram0", "size": 1 << 20, "token": 7}]}, "token 7, expected 1"),
+    ({"ram": [{"id": "ram0", "size": 1 << 20, "token": 2**64}]}, "token 18446744073709551616, expected 1"),
+    ({"vmstate": {"token": 0x2000, "size": 10}}, "vmstate token 0x2000"),
+    ({"ram": [{"id": "../../etc/cron.d/x", "size": 1 << 20, "token": 1}]}, "not a QOM id"),
+    ({"ram": [{"id": ".hidden", "size": 1 << 20, "token": 1}]}, "not a QOM id"),
+    ({"qmp_socket": "/run/luoagent/vms/a/../../../etc/passwd"}, "qmp_socket .* not a normalised absolute path"),
+    ({"qmp_socket": "relative/qmp.sock"}, "not a normalised absolute path"),
+    ({"qmp_socket": "/run//x"}, "not a normalised absolute path"),
+    ({"qmp_socket": "/" + "x" * 120}, "longer than a unix socket path"),
+    ({"binary": "qemu-system-x86_64"}, "binary .* not a normalised absolute path"),
+    ({"binary": "/usr/bin/../../tmp/evil"}, "binary .* not a normalised absolute path"),
+    ({"name": "../etc", "session": "luoagent/vm/../etc"}, "invalid VM"),
+    ({"name": "..", "session": "luoagent/vm/.."}, "invalid VM"),
+])
+def test_manifest_rejects_hostile_fields(change, match):
+    from luoagent.errors import ManifestCorrupt
+
+    with pytest.raises(ManifestCorrupt, match=match):
+        mf.Manifest.from_dict(_doc(**change))
+
+
+def test_manifest_rejects_a_non_list_of_vms_and_oversize():
+    from luoagent.errors import ManifestCorrupt
+
+    doc = make_manifest("a").to_dict()
+    doc["vms"] = {"a": 1}
+    with pytest.raises(ManifestCorrupt, match="'vms' must be a list"):
+        mf.Manifest.from_dict(doc)
+    fd = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, mf.MANIFEST_MAX_BYTES + 1)
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        with pytest.raises(ManifestCorrupt, match="more than"):
+            mf.read_memfd(fd)
+    finally:
+        os.close(fd)
+
+
+def test_manifest_memfd_must_be_sealed():
+    from luoagent.errors import ManifestCorrupt
+
+    data = make_manifest("a").to_json()
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, data)
+        with pytest.raises(ManifestCorrupt, match="not sealed"):
+            mf.read_memfd(fd)
+    finally:
+        os.close(fd)
+    fd = mf.write_sealed_memfd(make_manifest("a"))
+    try:
+        assert mf.read_memfd(fd).vms[0].name == "a"
+    finally:
+        os.close(fd)
+
+
+def test_manifest_new_fields_round_trip_and_old_minor_reads():
+    m = make_manifest("a")
+    m.vms[0].uid, m.vms[0].gid = 64055, 64056
+    back = mf.Manifest.from_json(m.to_json())
+    assert (back.vms[0].uid, back.vms[0].gid) == (64055, 64056)
+    doc = make_manifest("a").to_dict()
+    doc["schema"] = "1.0"
+    for key in ("uid", "gid", "pid"):
+        del doc["vms"][0][key]
+    old = mf.Manifest.from_dict(doc)
+    assert (old.vms[0].uid, old.vms[0].gid, old.vms[0].pid) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("argv, sock, served", [
+    (["-qmp", "unix:/x/qmp.sock,server=on,wait=off"], "/x/qmp.sock", True),
+    (["-qmp", "unix:/x/qmp.sock.old,server=on"], "/x/qmp.sock", False),
+    (["-qmp", "unix:/y/x/qmp.sock,server=on"], "/x/qmp.sock", False),
+    (["-serial", "file:/x/qmp.sock.log"], "/x/qmp.sock", False),
+    (["-qmp", "unix:/x/./qmp.sock,server=on"], "/x/qmp.sock", True),
+    (["-chardev", "socket,id=m0,path=/x/qmp.sock,server=on,wait=off", "-mon", "chardev=m0,mode=control"],
+     "/x/qmp.sock", True),
+    (["-chardev", "socket,id=m0,path=/x/qmp.sock,server=on,wait=off", "-mon", "chardev=m0,mode=readline"],
+     "/x/qmp.sock", False),
+])
+def test_restore_matches_its_qmp_socket_as_a_path(argv, sock, served):
+    assert restore._has_qmp_on(argv, sock) is served
+
+
+def test_restore_never_unlinks_a_non_socket_named_as_qmp_socket(tmp_path):
+    from luoagent.errors import RestoreError
+
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    with pytest.raises(RestoreError, match="is not a socket"):
+        restore._prepare_paths([], str(victim))
+    assert victim.read_text() == "keep me"
+
+
+def test_rescue_image_paths_come_from_its_layout_and_owner(tmp_path, open_umask):
+    from luoagent.errors import RestoreError
+
+    vmrec = make_vm("a", n_ram=1)
+    vmrec.ram[0].size = 2 << 20
+    ram = memfd.create("ram", 2 << 20)
+    vst = memfd.create("vmstate", vmrec.vmstate.size)
+    try:
+        target = restore.write_rescue(vmrec, [ram], vst, tmp_path / "rescue")
+    finally:
+        os.close(ram)
+        os.close(vst)
+    os.chmod(target / "vmstate", 0o666)  # someone else could have rewritten the device state
+    with pytest.raises(RestoreError, match="writable by nobody else"):
+        restore.restore_from_rescue(target, restore.RestoreOptions(qemu="/bin/false", vm_root=tmp_path / "v"))

@@ -6,6 +6,7 @@ No LUO, kexec or QEMU here; the one test double is a stand-in for /dev/liveupdat
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -164,10 +165,11 @@ def test_no_manifest_is_manifest_missing(exc, match):
 
 
 def test_unknown_manifest_version_via_memfd():
-    fd = os.memfd_create("m")
+    fd = os.memfd_create("m", os.MFD_ALLOW_SEALING)
     try:
         os.write(fd, json.dumps({"schema": "7.1", "vms": []}).encode())
-        with pytest.raises(ManifestVersionError, match=r"7\.1.*1\.0"):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        with pytest.raises(ManifestVersionError, match=r"7\.1.*1\.1"):
             mf.read_memfd(fd)
     finally:
         os.close(fd)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,13 @@ def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
     """Recreate the directories (tmpfs /run is empty after kexec) and remove a stale socket."""
     sock = Path(qmp_socket)
     private_files.makedirs(sock.parent)
-    with contextlib.suppress(FileNotFoundError):
+    try:
+        if not stat.S_ISSOCK(os.lstat(sock).st_mode):
+            # the manifest names a file that is not a socket: never delete what is not ours
+            raise RestoreError(f"QMP socket path {sock} exists and is not a socket; move it away, then retry")
         sock.unlink()
+    except FileNotFoundError:
+        pass
     for i, a in enumerate(argv[:-1]):
         value = argv[i + 1]
         path = None
@@ -172,8 +178,29 @@ def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
             private_files.makedirs(Path(path).parent)
 
 
+def qmp_socket_paths(argv: list[str]) -> list[str]:
+    """Unix socket paths a QEMU argv serves QMP on: ``-qmp unix:PATH[,...]`` and
+    ``-chardev socket,id=ID,path=PATH`` used by ``-mon chardev=ID`` (mode control is the default)."""
+    found, chardevs, monitors = [], {}, []
+    for opt, value in zip(argv, argv[1:]):
+        opt = opt[1:] if opt.startswith("--") else opt
+        if opt in ("-qmp", "-qmp-pretty") and value.startswith("unix:"):
+            found.append(value[len("unix:"):].split(",", 1)[0])
+        elif opt == "-chardev" and value.startswith("socket,"):
+            keys = dict(kv.split("=", 1) for kv in value.split(",")[1:] if "=" in kv)
+            if "id" in keys and "path" in keys:
+                chardevs[keys["id"]] = keys["path"]
+        elif opt == "-mon":
+            keys = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+            if keys.get("mode", "control") == "control" and "chardev" in keys:
+                monitors.append(keys["chardev"])
+    return found + [chardevs[m] for m in monitors if m in chardevs]
+
+
 def _has_qmp_on(argv: list[str], qmp_socket: str) -> bool:
-    return any(qmp_socket in a for a in argv)
+    """Does the argv already serve QMP on exactly this path (compared as paths, not substrings)?"""
+    want = os.path.normpath(qmp_socket)
+    return any(os.path.normpath(p) == want for p in qmp_socket_paths(argv))
 
 
 def _binary(vm: mf.PreservedVm, opts: RestoreOptions) -> str:
@@ -324,16 +351,34 @@ def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
             {"schema": "1.0", "created_ns": 0, "kernel_from": "", "kernel_to": "", "kernel_cmdline": "",
              "agent_version": "", "vms": [meta["vm"]]}
         ).vms[0]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, LuoAgentError) as exc:
         raise RestoreError(f"{meta_path} is not a luoagent rescue image: {exc}") from None
+    _check_rescue_owner(directory)
+    # the files are named by the image's layout, never taken from restore.json: a path in
+    # it could point anywhere
+    ram_files = {r.id: str(directory / f"{r.id}.ram") for r in vm.ram}
     out = VmOutcome(name=vm.name, was_running=vm.was_running, vmstate_bytes=vm.vmstate.size, ram_bytes=vm.ram_bytes)
-    vfd = os.open(meta["vmstate"], os.O_RDONLY | os.O_CLOEXEC)
     try:
-        asyncio.run(start_incoming(vm, [], vfd, meta["ram_files"], opts, out))
+        vfd = os.open(directory / "vmstate", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise RestoreError(f"rescue image {directory}: cannot open vmstate: {exc.strerror}") from None
+    try:
+        asyncio.run(start_incoming(vm, [], vfd, ram_files, opts, out))
     finally:
         os.close(vfd)
     out.ram_bytes_copied = vm.ram_bytes_copied
     return {"ok": out.ok, "vms": [out.__dict__], "from_rescue": str(directory)}
+
+
+def _check_rescue_owner(directory: Path) -> None:
+    """A rescue image is run as a VM: only one that this user owns and nobody else can change."""
+    for p in [directory, *(directory / n for n in os.listdir(directory))]:
+        st = os.lstat(p)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+            raise RestoreError(
+                f"rescue image {directory}: {p} is owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):o}{' (a symlink)' if stat.S_ISLNK(st.st_mode) else ''}; "
+                f"only an image owned by uid {os.geteuid()} and writable by nobody else is restored")
 
 
 # ---------------------------------------------------------------------------------------

@@ -345,6 +345,10 @@ def stage_restore(ctx) -> None:
 
     fd = os.memfd_create("luoagent-manifest-future", os.MFD_ALLOW_SEALING)
     os.write(fd, json.dumps({"schema": "99.0", "vms": []}).encode())
+    # sealed like every manifest update writes: restore refuses an unsealed one before reading it
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
     with LiveUpdate.open() as lu:
         s = lu.create_session(mf.MANIFEST_SESSION)
         s.preserve(fd, mf.MANIFEST_TOKEN)
