@@ -219,3 +219,159 @@ def test_rescue_image_paths_come_from_its_layout_and_owner(tmp_path, open_umask)
     os.chmod(target / "vmstate", 0o666)  # someone else could have rewritten the device state
     with pytest.raises(RestoreError, match="writable by nobody else"):
         restore.restore_from_rescue(target, restore.RestoreOptions(qemu="/bin/false", vm_root=tmp_path / "v"))
+
+
+# ---- 2. trust what the kernel says -------------------------------------------------------
+import shutil
+import subprocess
+import time
+
+#: the system's Python (root-owned; a pyenv shim in $PATH may not be runnable by others)
+PYTHON = os.path.realpath("/usr/bin/python3")
+
+
+def _wait_exec(proc, name, argv0=None):
+    """Wait until ``proc`` has exec'd (its /proc/PID/exe names ``name``, its argv[0] is ``argv0``)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if os.path.basename(os.readlink(f"/proc/{proc.pid}/exe")).startswith(name) and (
+                    argv0 is None or open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")[0] == argv0.encode()):
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"pid {proc.pid} never ran {name}")
+
+
+def test_adopted_binary_is_the_kernels_exe_not_argv0():
+    from luoagent.adapters import qemu_binary
+
+    # argv[0] claims to be a QEMU in a directory anyone could write to
+    proc = subprocess.Popen(["/tmp/evil/qemu-system-x86_64", "-c", "import time; time.sleep(30)", "-name", "a"],
+                            executable=PYTHON)
+    try:
+        _wait_exec(proc, "python", "/tmp/evil/qemu-system-x86_64")
+        binary, argv = qemu_binary.qemu_cmdline(proc.pid)
+        assert binary == os.path.realpath(PYTHON)
+        assert argv == ["-c", "import time; time.sleep(30)", "-name", "a"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_binary_behind_a_dynamic_loader_is_the_mapped_one(tmp_path):
+    from luoagent.adapters import qemu_binary
+
+    loader = next(p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-x86-64.so.2") if os.path.exists(p))
+    fake = tmp_path / "qemu-system-x86_64"
+    shutil.copy(shutil.which("sleep"), fake)
+    proc = subprocess.Popen([loader, str(fake), "30"])
+    try:
+        _wait_exec(proc, "ld-")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                binary, argv = qemu_binary.qemu_cmdline(proc.pid)
+                break
+            except Exception:
+                time.sleep(0.05)  # the loader has not mapped it yet
+        assert binary == str(fake) and argv == ["30"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_only_a_binary_only_root_can_change_is_trusted(tmp_path):
+    from luoagent.adapters import qemu_binary
+    from luoagent.errors import UntrustedBinary
+
+    assert qemu_binary.check_trusted(shutil.which("sleep")) == __import__("pathlib").Path(os.path.realpath(shutil.which("sleep")))
+    d = tmp_path / "bin"
+    d.mkdir(mode=0o755)
+    b = d / "qemu-system-x86_64"
+    shutil.copy(shutil.which("sleep"), b)
+    os.chmod(b, 0o755)
+    qemu_binary.check_trusted(b)
+    os.chmod(b, 0o775)
+    with pytest.raises(UntrustedBinary, match="mode 775"):
+        qemu_binary.check_trusted(b)
+    os.chmod(b, 0o755)
+    os.chown(b, 65534, 65534)
+    with pytest.raises(UntrustedBinary, match="owned by uid 65534"):
+        qemu_binary.check_trusted(b)
+    os.chown(b, 0, 0)
+    os.chmod(d, 0o777)  # anyone could swap the file
+    with pytest.raises(UntrustedBinary, match="mode 777"):
+        qemu_binary.check_trusted(b)
+    os.chmod(d, 0o755)
+    link = tmp_path / "link"
+    link.symlink_to(b)
+    assert qemu_binary.check_trusted(link) == b
+    with pytest.raises(UntrustedBinary, match="No such file"):
+        qemu_binary.check_trusted(tmp_path / "missing")
+
+
+def test_identity_of_a_process_is_the_kernels():
+    from luoagent.adapters import procfs
+
+    assert procfs.identity(os.getpid()) == (os.geteuid(), os.getegid())
+    proc = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "sleep", "30"])
+    try:
+        _wait_exec(proc, "sleep")
+        assert procfs.identity(proc.pid) == (65534, 65534)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_restore_runs_qemu_as_the_identity_it_had():
+    vmrec = make_vm("a")
+    assert restore.identity_args(vmrec, ["-machine", "pc"]) == []  # a root QEMU stays root
+    vmrec.uid, vmrec.gid = 64055, 64056
+    assert restore.identity_args(vmrec, ["-machine", "pc"]) == ["-run-with", "user=64055:64056"]
+    # an argv that drops privileges itself keeps doing so (and is not given a second user)
+    assert restore.identity_args(vmrec, ["-run-with", "async-teardown=on,user=qemu"]) == []
+    assert restore.identity_args(vmrec, ["-runas", "qemu"]) == []
+
+
+@pytest.mark.parametrize("user, expect", [("nobody", (65534, 65534)), ("65534:65534", (65534, 65534)),
+                                          ("1000:1000", (1000, 1000))])
+def test_vm_start_user_resolves(user, expect):
+    assert vm.resolve_user(user) == expect
+
+
+@pytest.mark.parametrize("user, match", [("root", "is root"), ("0:0", "is root"),
+                                         ("no-such-user-x", "no such user")])
+def test_vm_start_user_refuses(user, match, tmp_path):
+    from luoagent.errors import UsageError
+
+    with pytest.raises(UsageError, match=match):
+        vm.start_vm("a", 64 << 20, [], root=tmp_path, user=user)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_doctor_says_which_vms_run_as_root(tmp_path):
+    from luoagent.workflows import doctor
+
+    root = tmp_path / "vms"
+    procs = [subprocess.Popen([PYTHON, "-c", "import time; time.sleep(30)", "-name", "asroot"]),
+             subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                               PYTHON, "-c", "import time; time.sleep(30)", "-name", "asnobody"])]
+    try:
+        time.sleep(0.5)
+        for name, p in zip(("asroot", "asnobody"), procs):
+            vm.register_restored(name=name, pid=p.pid, qmp_socket=str(root / name / "qmp.sock"), binary="/bin/true",
+                                 argv=[], ram=[], log="", vm_root=root)
+        c = doctor.check_vm_identities(str(root))
+        assert c.ok and "asroot" in c.detail and "uid 0" in c.detail and "asnobody" not in c.detail
+        assert "--user" in c.fix
+        assert "advice: start VMs with `luoagent vm start --user" in doctor.render(doctor.report([c]))
+        procs[0].kill()
+        procs[0].wait()
+        c = doctor.check_vm_identities(str(root))
+        assert c.ok and c.fix == "" and "asnobody (pid" in c.detail and "uid 65534" in c.detail
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

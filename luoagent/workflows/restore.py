@@ -20,7 +20,7 @@ from pathlib import Path
 
 from luoagent import manifest as mf
 from luoagent import memfd, testmode
-from luoagent.adapters import cpr, private_files, qemu_binary, qemu_ram, qmp_client
+from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
@@ -107,6 +107,8 @@ class VmOutcome:
     ram_bytes: int = 0
     ram_bytes_copied: int = 0
     was_running: bool = False
+    uid: int = 0
+    gid: int = 0
     timings: dict = field(default_factory=dict)
     blackout_parts: dict = field(default_factory=dict)
 
@@ -204,11 +206,29 @@ def _has_qmp_on(argv: list[str], qmp_socket: str) -> bool:
 
 
 def _binary(vm: mf.PreservedVm, opts: RestoreOptions) -> str:
+    """--qemu / $LUOAGENT_QEMU (the operator's choice), else the recorded binary, else PATH;
+    the latter two only if root alone can change them (qemu_binary.check_trusted)."""
     if opts.qemu or os.environ.get(qemu_binary.QEMU_ENV):
         return str(qemu_binary.find_qemu(opts.qemu))
     if vm.binary and os.access(vm.binary, os.X_OK) and not Path(vm.binary).name.startswith("ld-"):
+        qemu_binary.check_trusted(vm.binary)
         return vm.binary
-    return str(qemu_binary.find_qemu())
+    found = qemu_binary.find_qemu()
+    qemu_binary.check_trusted(found)
+    return str(found)
+
+
+def identity_args(vm: mf.PreservedVm, argv: list[str]) -> list[str]:
+    """QEMU options that make the restored QEMU drop to the identity the old one had: it is
+    started as root (it must inherit the RAM fds) and switches after opening its files.
+    Nothing is added for a root QEMU or an argv that already names a user itself."""
+    if vm.uid == 0 and vm.gid == 0:
+        return []
+    for opt, value in zip(argv, argv[1:]):
+        opt = opt[1:] if opt.startswith("--") else opt
+        if opt == "-runas" or (opt == "-run-with" and any(kv.startswith("user=") for kv in value.split(","))):
+            return []
+    return ["-run-with", f"user={vm.uid}:{vm.gid}"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +246,7 @@ async def start_incoming(
     t_start = time.time_ns()
     binary = _binary(vm, opts)
     argv = qemu_ram.restore_argv(vm.argv, mem_paths)
+    argv += identity_args(vm, argv)
     _prepare_paths(argv, vm.qmp_socket)
     vm_dir = opts.vm_root / vm.name
     private_files.makedirs(vm_dir)
@@ -238,6 +259,12 @@ async def start_incoming(
         q = await qmp_client.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
         try:
             out.timings["qemu_up_ns"] = time.time_ns()
+            # QEMU drops privileges before it serves QMP: by now it must be who it was
+            now = procfs.identity(proc.pid)
+            if now != (vm.uid, vm.gid):
+                raise RestoreError(f"VM {vm.name}: restored QEMU runs as uid/gid {now[0]}:{now[1]}, "
+                                   f"the old one ran as {vm.uid}:{vm.gid}; refusing to resume it")
+            out.uid, out.gid = now
             rfd = memfd.reopen(vmstate_fd, os.O_RDONLY)  # the fdset's access mode must match the load
             try:
                 await q.add_fd(rfd, INCOMING_FDSET, opaque=f"luoagent vmstate {vm.name}")

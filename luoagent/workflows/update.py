@@ -125,6 +125,8 @@ class VmTarget:
     binary: str = ""
     argv: list[str] = field(default_factory=list)
     adopted: bool = False
+    uid: int = 0  # the QEMU's effective uid/gid as the kernel reports them
+    gid: int = 0
 
 
 @dataclass
@@ -337,9 +339,16 @@ class _Update:
             if t.pid and t.pid != pid:
                 log.warning("update.pid_mismatch", vm=t.name, recorded=t.pid, actual=pid)
             t.pid = pid
+            # an adopted VM's binary is what the kernel runs (/proc/PID/exe), never its argv[0];
+            # a `vm start` VM's is the one luoagent itself recorded. Either must be root's only.
             binary, argv = qemu_binary.qemu_cmdline(pid)
             t.binary = t.binary or binary
             t.argv = t.argv or argv
+            qemu_binary.check_trusted(t.binary)
+            try:
+                t.uid, t.gid = procfs.identity(pid)  # restore runs it again as exactly this identity
+            except OSError as exc:
+                raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc}") from None
             w.qmp = await qmp_client.Qmp.connect(t.qmp_socket, timeout=min(self.req.timeout, 10))
             w.status_before = await w.qmp.status()
             if w.status_before in ("inmigrate", "postmigrate", "finish-migrate", "shutdown", "internal-error"):
@@ -460,6 +469,8 @@ class _Update:
                         qemu_version=w.qemu_version,
                         ram_bytes_copied=w.guest_ram_bytes_copied,
                         pid=w.target.pid,
+                        uid=w.target.uid,
+                        gid=w.target.gid,
                     )
                     for w in self.work
                 ],
@@ -574,6 +585,9 @@ class _Update:
                 {
                     "name": w.name,
                     "pid": w.target.pid,
+                    "uid": w.target.uid,
+                    "gid": w.target.gid,
+                    "binary": w.target.binary,
                     "session": w.session_name,
                     "was_running": w.was_running,
                     "ram_bytes": w.ram_bytes,

@@ -196,15 +196,21 @@ def start_vm(
     root: str | os.PathLike | None = None,
     accel: str = "tcg",
     timeout: float = 30.0,
+    user: str | None = None,
 ) -> VmRecord:
-    """Start a daemonized QEMU whose RAM is a share=on memory-backend-file over a fresh memfd."""
+    """Start a daemonized QEMU whose RAM is a share=on memory-backend-file over a fresh memfd.
+    ``user`` (a user name or UID:GID): QEMU drops to it after opening its files
+    (``-run-with user=``), so a guest that escapes into QEMU is not root."""
     validate_name(name)
+    identity = resolve_user(user) if user else None
     page = os.sysconf("SC_PAGE_SIZE")
     if memory < 2 * 1024 * 1024 or memory % page:
         raise UsageError(f"--memory {memory} B: give at least 2M, a multiple of {page} B (e.g. 512M, 2G)")
     if smp < 1:
         raise UsageError(f"--smp {smp}: need at least one vCPU")
     _reject_conflicting_args(qemu_args)
+    if identity and any(a in ("-runas", "--runas", "-run-with", "--run-with") for a in qemu_args):
+        raise UsageError("QEMU options -runas/-run-with are set by luoagent --user; remove them from QEMU_ARGS")
     binary = qemu_binary.find_qemu(binary)
     version = qemu_binary.qemu_version(binary)
     probe = qemu_binary.probe_cpr(binary)
@@ -240,6 +246,8 @@ def start_vm(
             argv += qemu_ram.ram_backend_args(RAM_BACKEND_ID, memory, fdset=RAM_FDSET)
         else:
             argv += qemu_ram.ram_backend_args(RAM_BACKEND_ID, memory, fd=ram)
+        if identity:
+            argv += ["-run-with", f"user={identity[0]}:{identity[1]}"]
         if not _has_any(qemu_args, "-display", "-nographic"):
             argv += ["-display", "none"]
         if serial is not None:
@@ -249,6 +257,8 @@ def start_vm(
         logger.info("QEMU started", vm=name, pid=proc.pid, memory=memory)
         try:
             status, backends = qmp_client.run_sync(_check_started(proc, sock, timeout))
+            if identity and procfs.identity(proc.pid) != identity:
+                raise QemuError(f"QEMU runs as uid/gid {procfs.identity(proc.pid)}, not {identity} (--user {user})")
         except (QemuError, VmNotPreservable) as exc:
             qemu_binary.kill_process(proc)
             tail = qemu_binary.log_tail(qemu_log)
@@ -268,6 +278,25 @@ def start_vm(
     _write_record(record)
     logger.info("VM running", vm=name, status=status, vm_dir=str(sdir))
     return record
+
+
+def resolve_user(user: str) -> tuple[int, int]:
+    """(uid, gid) of ``--user``: a user name from the password database or ``UID:GID``."""
+    import pwd
+
+    m = re.fullmatch(r"(\d+):(\d+)", user)
+    if m:
+        ids = int(m.group(1)), int(m.group(2))
+    else:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"--user {user!r}: no such user; give an existing user name or UID:GID "
+                             "(e.g. a dedicated 'luoagent-qemu' system user)") from None
+        ids = pw.pw_uid, pw.pw_gid
+    if ids[0] == 0:
+        raise UsageError(f"--user {user!r} is root (uid 0); name an unprivileged user, or leave --user out")
+    return ids
 
 
 def _has_any(args: list[str], *options: str) -> bool:
@@ -324,7 +353,11 @@ def vm_status(record: VmRecord, timeout: float = 3.0) -> str:
 
 
 def describe(record: VmRecord) -> dict:
-    return {"name": record.name, "pid": record.pid, "status": vm_status(record),
+    try:
+        uid = procfs.identity(record.pid)[0] if is_vm_process(record) else None
+    except OSError:
+        uid = None
+    return {"name": record.name, "pid": record.pid, "status": vm_status(record), "uid": uid,
             "memory": record.memory, "smp": record.smp, "qmp_socket": record.qmp_socket,
             "vm_dir": record.vm_dir, "serial_log": record.serial_log,
             "session": record.session_name, "qemu_version": record.qemu_version}
@@ -431,9 +464,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--qemu", help="qemu-system-x86_64 to use (default $LUOAGENT_QEMU or PATH)")
     p.add_argument("--vm-dir", help="this VM's own directory (default VM_ROOT/NAME; linked from there)")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg)")
+    p.add_argument("--user", metavar="USER|UID:GID",
+                   help="run QEMU as this user after it opened its files (QEMU -run-with user=); "
+                   "without it QEMU runs as root and `luoagent doctor` says so")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for QMP (default 30)")
     p.add_argument("--json", action="store_true", help="print the VM record as JSON")
-    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--vm-dir DIR] [--json] [-- QEMU_ARGS...]"
+    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--vm-dir DIR] [--user USER] [--json] [-- QEMU_ARGS...]"
     p.epilog = "QEMU_ARGS: further QEMU options after '--', e.g. -- -machine pc -kernel guest.elf"
 
     p = sub.add_parser("list", help="list VMs with their QMP status")
@@ -450,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
         qemu_args = list(args.qemu_args)
         record = start_vm(args.name, qemu_ram.parse_size(args.memory), qemu_args, smp=args.smp,
                           binary=args.qemu, vm_dir=args.vm_dir, root=args.root,
-                          accel=args.accel, timeout=args.timeout)
+                          accel=args.accel, timeout=args.timeout, user=args.user)
         if args.json:
             print(json.dumps({"ok": True, **asdict(record)}))
         else:
