@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 
 import pytest
 
@@ -375,3 +376,114 @@ def test_doctor_says_which_vms_run_as_root(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+# ---- 3. test switches can never end in a kexec --------------------------------------------
+def test_test_mode_refuses_to_reboot_when_it_cannot_tell_whether_an_image_is_loaded(monkeypatch):
+    from pathlib import Path
+
+    from luoagent import testmode
+    from luoagent.adapters import kexec
+    from luoagent.errors import UpdateError
+    from luoagent.workflows import update
+
+    monkeypatch.setattr(testmode, "_enabled", True)
+    monkeypatch.setattr(kexec, "loaded_state", lambda: None)  # no /sys/kernel/kexec_loaded
+    monkeypatch.setattr(kexec, "reboot_kexec", lambda sync=True: pytest.fail("reboot syscall made in test mode"))
+    run = update._Update(update.UpdateRequest(kernel=Path("/nonexistent")))
+    with pytest.raises(UpdateError, match="refusing to reboot"):
+        run._reboot()
+
+
+@pytest.mark.parametrize("switches", [{"LUOAGENT_TEST_SKIP": "luo,kexec-load"}, {"LUOAGENT_TEST_SKIP": "luo"},
+                                      {"LUOAGENT_FAULT": "after-quiesce"}])
+def test_stray_test_switches_do_not_skip_the_real_checks(tmp_path, switches):
+    """Without --test-mode the variables change nothing: update still runs the doctor's host
+    checks (which fail on this LUO-less kernel) before touching anything."""
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **switches)
+    kernel = tmp_path / "bzImage"
+    data = bytearray(8192)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    kernel.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "luoagent", "update", "--kernel", str(kernel), "--vm", "a=/nonexistent.sock"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "test switches ignored outside --test-mode" in r.stderr
+    assert "cannot do a live update" in r.stderr and "TEST MODE" not in r.stderr, r.stderr
+
+
+# ---- 6. no blocking work on the event loop; sync before quiesce ---------------------------
+def test_rescue_write_does_not_block_the_event_loop(tmp_path):
+    """While one VM's rescue image is written, the other VMs' coroutines keep running: the
+    ticker must get turns before the write has finished (on the loop, it gets none)."""
+    import asyncio
+
+    vmrec = make_vm("a", n_ram=1)
+    size = 64 << 20
+    vmrec.ram[0].size = size
+    ram = memfd.create("ram", size)
+    memfd.write_pattern(ram, 0, size, 7)  # all data, no holes: a real copy
+    vst = memfd.create("vmstate", vmrec.vmstate.size)
+
+    async def main():
+        done = asyncio.Event()
+        ticks_during_write = 0
+
+        async def ticker():
+            nonlocal ticks_during_write
+            while not done.is_set():
+                ticks_during_write += 1
+                await asyncio.sleep(0)
+
+        async def writer():
+            try:
+                return await restore.write_rescue_async(vmrec, [ram], vst, tmp_path / "rescue")
+            finally:
+                done.set()
+
+        target, _ = await asyncio.gather(writer(), ticker())
+        return target, ticks_during_write
+
+    try:
+        target, ticks = asyncio.run(main())
+    finally:
+        os.close(ram)
+        os.close(vst)
+    assert (target / "ram0.ram").stat().st_size == size
+    assert ticks > 1, f"the event loop ran nothing else while {size >> 20} MiB were copied"
+
+
+def test_dirty_bytes_from_meminfo():
+    from luoagent.adapters import kexec
+
+    assert kexec.dirty_bytes("MemTotal: 100 kB\nDirty:  12 kB\nWriteback: 4 kB\n") == 16 * 1024
+    assert kexec.dirty_bytes("Dirty: 0 kB\nWriteback: 0 kB\n") == 0
+    assert kexec.dirty_bytes("MemTotal: 1 kB\n") is None
+    assert isinstance(kexec.dirty_bytes(), int)  # this host's /proc/meminfo
+
+
+@pytest.mark.parametrize("dirty, syncs", [(0, False), (8192, True), (None, True)])
+def test_second_sync_only_when_something_is_dirty(monkeypatch, dirty, syncs):
+    from pathlib import Path
+
+    from luoagent import testmode
+    from luoagent.adapters import kexec
+    from luoagent.errors import RebootRefused
+    from luoagent.workflows import update
+
+    calls = []
+    monkeypatch.setattr(testmode, "_enabled", False)
+    monkeypatch.setattr(kexec, "dirty_bytes", lambda: dirty)
+
+    def reboot(sync=True):
+        calls.append(sync)
+        raise RebootRefused("refused (test double: the syscall is not made here)")
+
+    monkeypatch.setattr(kexec, "reboot_kexec", reboot)
+    run = update._Update(update.UpdateRequest(kernel=Path("/nonexistent"), json=True))
+    with pytest.raises(RebootRefused):
+        run._reboot()
+    assert calls == [syncs]

@@ -350,6 +350,12 @@ def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue
     return target
 
 
+async def write_rescue_async(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue_root: Path) -> Path:
+    """write_rescue in a worker thread: copying GiBs must not hold up the event loop, on which
+    the other VMs' restores (their `cont`) run."""
+    return await asyncio.to_thread(write_rescue, vm, ram_fds, vmstate_fd, rescue_root)
+
+
 def _copy_fd(src: int, path: Path, size: int) -> None:
     with os.fdopen(private_files.open_new(path), "wb") as f:
         os.ftruncate(f.fileno(), size)
@@ -472,7 +478,7 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         opts.reporter.log(f"{vm.name}: FAILED: {out.error}")
         if ram_fds and vmstate_fd >= 0:
             try:
-                path = write_rescue(vm, ram_fds, vmstate_fd, opts.rescue_dir)
+                path = await write_rescue_async(vm, ram_fds, vmstate_fd, opts.rescue_dir)
                 out.rescue = str(path)
                 out.retry = f"luoagent restore --from-rescue {path}"
                 opts.reporter.log(f"{vm.name}: nothing lost: written as a cpr-reboot image to {path}; retry with `{out.retry}`")

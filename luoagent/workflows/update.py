@@ -248,6 +248,10 @@ class _Update:
             testmode.fault("after-preflight")
             await self._preserve_ram()
             testmode.fault("after-preserve-ram")
+            # flush the page cache while the VMs still run: the sync before the reboot, inside
+            # the blackout, then has (almost) nothing left to write, or is skipped
+            with self.progress.timed("sync", "(VMs keep running)"):
+                await asyncio.to_thread(os.sync)
             await self._quiesce_all()
             testmode.fault("after-quiesce")
             self._preserve_vmstate()
@@ -487,7 +491,7 @@ class _Update:
             # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
             kexec.unload()
             self.kexec_loaded = False
-        if testmode.enabled() and kexec.loaded():
+        if testmode.enabled() and (self.kexec_loaded or kexec.loaded_state() is not False):
             # a test switch must never end in a real kexec: the syscall is made only when it
             # cannot succeed (no image loaded), which is what the refused-reboot tests exercise
             raise UpdateError(
@@ -500,8 +504,13 @@ class _Update:
         else:
             summary.update_summary(result)
         sys.stdout.flush()
-        self.progress.note(f"kexec now (preparation took {time.monotonic() - self.progress.started:.3f} s)")
-        kexec.reboot_kexec()  # sync + reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
+        dirty = kexec.dirty_bytes()
+        self.progress.note(f"kexec now (preparation took {time.monotonic() - self.progress.started:.3f} s; "
+                           + ("nothing dirty since the sync before quiesce, no second sync" if dirty == 0 else
+                              f"{'unknown' if dirty is None else dirty} B dirty since the sync before quiesce: syncing again")
+                           + ")")
+        # sync again only if something became dirty after the first one (or we cannot tell)
+        kexec.reboot_kexec(sync=dirty != 0)  # reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
         raise RebootRefused("reboot(LINUX_REBOOT_CMD_KEXEC) returned without rebooting")
 
     # -- ROLLBACK ------------------------------------------------------------------------
