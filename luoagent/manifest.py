@@ -14,7 +14,7 @@ from luoagent.errors import InvalidName, ManifestCorrupt, ManifestVersionError
 
 #: (major, minor). A reader accepts any minor of its major (new fields are optional and ignored);
 #: a different major means the layout changed incompatibly and restore must refuse.
-SCHEMA_VERSION = (1, 1)  # 1.1: the QEMU's uid/gid (restore runs it under the same identity)
+SCHEMA_VERSION = (1, 1)  # 1.1: the QEMU's uid/gid, ram_blocks_in_stream_bytes
 
 #: well-known session that carries the manifest across kexec, and the manifest's token in it
 MANIFEST_SESSION = "luoagent"
@@ -92,12 +92,16 @@ class PreservedVm:
     stopped_at_ns: int  # CLOCK_REALTIME when `stop` was issued
     saved_at_ns: int  # CLOCK_REALTIME when the cpr-reboot save completed
     qemu_version: str
-    ram_bytes_copied: int  # from the source's query-migrate: RAM bytes written into vmstate
+    #: upper bound on guest RAM bytes in the vmstate: the RAM page bytes QEMU wrote (query-migrate
+    #: ram.normal-bytes, every block incl. firmware), capped by the stream size
+    ram_bytes_copied: int
     session: str = ""
     pid: int = 0  # the QEMU pid before kexec (for the report only)
     #: identity the QEMU ran as (from /proc/PID/status, schema 1.1); restore keeps it
     uid: int = 0
     gid: int = 0
+    #: query-migrate ram.total: size of the RAM blocks QEMU put in the stream (-1: not reported)
+    ram_blocks_in_stream_bytes: int = -1
 
     def __post_init__(self) -> None:
         if not self.session:
@@ -180,6 +184,7 @@ class Manifest:
                         pid=_optional(v, "pid", int, 0),
                         uid=_optional(v, "uid", int, 0),
                         gid=_optional(v, "gid", int, 0),
+                        ram_blocks_in_stream_bytes=_optional(v, "ram_blocks_in_stream_bytes", int, -1),
                     )
                 )
             m = cls(

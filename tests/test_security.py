@@ -487,3 +487,43 @@ def test_second_sync_only_when_something_is_dirty(monkeypatch, dirty, syncs):
     with pytest.raises(RebootRefused):
         run._reboot()
     assert calls == [syncs]
+
+
+# ---- 4. honest figures --------------------------------------------------------------------
+#: query-migrate "ram" of real QEMU 11.1.3 cpr-reboot saves of a 64 MiB guest (probed on this
+#: host): share=on memory-backend-file with x-ignore-shared, and memory-backend-ram
+SKIPPED_RAM = {"total": 532480, "duplicate": 80, "normal-bytes": 204800, "normal": 50, "transferred": 315606}
+COPIED_RAM = {"total": 67641344, "duplicate": 16399, "normal-bytes": 471040, "normal": 115, "transferred": 729242}
+
+
+def test_ram_figures_are_what_qemu_measured():
+    from luoagent.adapters import cpr
+
+    f = cpr.RamFigures.from_query_migrate({"status": "completed", "ram": SKIPPED_RAM})
+    assert (f.pages_bytes, f.zero_pages, f.blocks_bytes, f.qemu_stream_bytes) == (204800, 80, 532480, 315606)
+    assert f.no_guest_block_migrated([64 << 20]) is True
+    assert f.guest_ram_copied_at_most(315606) == 204800
+    # guest RAM that WAS migrated (a backend x-ignore-shared does not skip): never reported as 0
+    f = cpr.RamFigures.from_query_migrate({"status": "completed", "ram": COPIED_RAM})
+    assert f.no_guest_block_migrated([64 << 20]) is False
+    assert f.guest_ram_copied_at_most(729242) == 471040
+    # a QEMU that reports nothing: unknown, and the bound falls back to the stream size
+    f = cpr.RamFigures.from_query_migrate({"status": "completed"})
+    assert (f.pages_bytes, f.blocks_bytes) == (None, None)
+    assert f.no_guest_block_migrated([64 << 20]) is None and f.guest_ram_copied_at_most(1000) == 1000
+
+
+def test_ram_figures_wording_says_what_was_measured():
+    from luoagent.workflows import summary
+
+    v = {"ram_pages_written_bytes": 204800, "zero_pages_written": 80, "ram_blocks_in_stream_bytes": 532480,
+         "guest_ram_bytes_copied_at_most": 204800, "no_guest_ram_block_in_stream": True}
+    text = summary.ram_figures_text(v)
+    assert text == ("QEMU wrote 204,800 B of RAM pages and 80 zero-page markers, from RAM blocks of 532,480 B in "
+                    "all: no guest RAM block among them (each is larger than that total); so at most 204,800 B "
+                    "of guest RAM went into the stream")
+    v.update(no_guest_ram_block_in_stream=False)
+    assert "a guest RAM block MAY be among them" in summary.ram_figures_text(v)
+    v.update(ram_pages_written_bytes=None, ram_blocks_in_stream_bytes=None, no_guest_ram_block_in_stream=None)
+    text = summary.ram_figures_text(v)
+    assert text.startswith("QEMU did not report the RAM page bytes it wrote") and "not reported" in text

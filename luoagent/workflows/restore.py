@@ -105,7 +105,9 @@ class VmOutcome:
     blackout_ns: int = 0
     vmstate_bytes: int = 0
     ram_bytes: int = 0
-    ram_bytes_copied: int = 0
+    ram_bytes_copied: int = 0  # upper bound, from what the source QEMU measured (manifest)
+    ram_blocks_in_stream_bytes: int = -1
+    no_guest_ram_block_in_stream: bool | None = None
     was_running: bool = False
     uid: int = 0
     gid: int = 0
@@ -451,6 +453,9 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         vmstate_bytes=vm.vmstate.size,
         ram_bytes=vm.ram_bytes,
         ram_bytes_copied=vm.ram_bytes_copied,
+        ram_blocks_in_stream_bytes=vm.ram_blocks_in_stream_bytes,
+        no_guest_ram_block_in_stream=(None if vm.ram_blocks_in_stream_bytes < 0
+                                      else vm.ram_blocks_in_stream_bytes < min(r.size for r in vm.ram)),
     )
     session = None
     ram_fds: list[int] = []

@@ -149,8 +149,7 @@ class VmWork:
     vmstate_fd: int = -1
     vmstate_size: int = 0
     migrate_info: dict = field(default_factory=dict)
-    guest_ram_bytes_copied: int = 0
-    other_ram_bytes_copied: int = 0
+    ram_figures: cpr.RamFigures = cpr.RamFigures(None, None, None, None)
     qemu_version: str = ""
     quiesce_s: float = 0.0
 
@@ -396,8 +395,8 @@ class _Update:
             for w in self.work:
                 self.progress.note(
                     f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
-                    f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM), guest RAM copied "
-                    f"{w.guest_ram_bytes_copied} B"
+                    f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM); "
+                    + summary.ram_figures_text(self._figures(w))
                 )
 
     async def _quiesce(self, w: VmWork) -> None:
@@ -410,7 +409,6 @@ class _Update:
                 await q.add_fd(wfd, w.fdset_id, opaque=f"luoagent vmstate {w.name}")
             finally:
                 os.close(wfd)
-            blocks = await qemu_ram.ramblocks(q)
             w.was_running = (await q.status()) == "running"
             # mode + capability before stop: they do not disturb a running guest, and the
             # blackout then holds only stop + save
@@ -426,13 +424,7 @@ class _Update:
             w.quiesce_s = time.monotonic() - t0
             w.migrate_info = info
             w.vmstate_size = memfd.size(w.vmstate_fd)
-            ram = info.get("ram", {})
-            backend_ids = {b.id for b in w.backends}
-            other = sum(used for name, used in blocks.items() if name not in backend_ids)
-            # QEMU's ram.total counts every RAM block it migrates; what exceeds the non-guest
-            # blocks (firmware, ROMs) is guest RAM that went into the stream
-            w.guest_ram_bytes_copied = max(0, int(ram.get("total", 0)) - other)
-            w.other_ram_bytes_copied = int(ram.get("normal-bytes", 0))
+            w.ram_figures = cpr.RamFigures.from_query_migrate(info)  # what QEMU measured, nothing inferred
         except LuoAgentError as exc:
             exc.vm = w.name  # type: ignore[attr-defined]
             raise
@@ -471,7 +463,8 @@ class _Update:
                         stopped_at_ns=w.stopped_at_ns,
                         saved_at_ns=w.saved_at_ns,
                         qemu_version=w.qemu_version,
-                        ram_bytes_copied=w.guest_ram_bytes_copied,
+                        ram_bytes_copied=self._figures(w)["guest_ram_bytes_copied_at_most"],
+                        ram_blocks_in_stream_bytes=-1 if w.ram_figures.blocks_bytes is None else w.ram_figures.blocks_bytes,
                         pid=w.target.pid,
                         uid=w.target.uid,
                         gid=w.target.gid,
@@ -580,6 +573,18 @@ class _Update:
                 w.qmp = None
 
     # -- result --------------------------------------------------------------------------
+    def _figures(self, w: VmWork) -> dict:
+        """RAM figures as measured by QEMU (see cpr.RamFigures) and the bounds that follow."""
+        f = w.ram_figures
+        return {
+            "ram_pages_written_bytes": f.pages_bytes,
+            "zero_pages_written": f.zero_pages,
+            "ram_blocks_in_stream_bytes": f.blocks_bytes,
+            "qemu_stream_bytes": f.qemu_stream_bytes,
+            "guest_ram_bytes_copied_at_most": f.guest_ram_copied_at_most(w.vmstate_size),
+            "no_guest_ram_block_in_stream": f.no_guest_block_migrated([b.size for b in w.backends]),
+        }
+
     def _result(self, status: str) -> dict:
         return {
             "ok": True,
@@ -603,8 +608,7 @@ class _Update:
                     "ram_backends": [dataclasses.asdict(b) for b in w.backends],
                     "vmstate_bytes": w.vmstate_size,
                     "vmstate_percent_of_ram": round(100.0 * w.vmstate_size / max(w.ram_bytes, 1), 4),
-                    "guest_ram_bytes_copied": w.guest_ram_bytes_copied,
-                    "firmware_ram_bytes_copied": w.other_ram_bytes_copied,
+                    **self._figures(w),
                     "quiesce_seconds": round(w.quiesce_s, 4),
                     "stopped_at_ns": w.stopped_at_ns,
                 }
