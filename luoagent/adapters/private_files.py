@@ -2,11 +2,15 @@
 them (never chmod'ed afterwards), for guest RAM, vmstate, argv (secrets) and records.
 
 A file that already exists is replaced through a private temporary file, so no reader can
-hold it open at a wider mode; directories that already exist are left as they are."""
+hold it open at a wider mode; directories that already exist are left as they are. Also the
+private lock file that keeps two runs of one verb apart (exclusive_lock)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 #: the modes everything holding guest data or a QEMU argv is created with
@@ -72,3 +76,31 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) ->
 
 def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
     return write_bytes(path, text.encode(), fsync=fsync)
+
+
+class Busy(Exception):
+    """The lock is held by another process (its pid, when it wrote one)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by pid {holder or '?'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created 0600; our pid written into it) for the
+    block; Busy at once if another process holds it. The kernel drops it when we exit, even
+    by SIGKILL, so a killed run never leaves a stale lock."""
+    path = Path(path)
+    makedirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(path, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -29,6 +29,7 @@ from luoagent.errors import (
     SessionAlreadyRetrieved,
     SessionNotFound,
     TokenNotFound,
+    UsageError,
 )
 from luoagent.log import get_logger
 from luoagent.report import Progress
@@ -379,6 +380,12 @@ def _copy_fd(src: int, path: Path, size: int) -> None:
 
 def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
     """Restore one VM from a rescue image (RAM stays in the files, share=on)."""
+    _check_timeout(opts)
+    with vmwf.agent_lock(opts.vm_root, "restore"):
+        return _restore_from_rescue(directory, opts)
+
+
+def _restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
     meta_path = directory / "restore.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -387,7 +394,9 @@ def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
              "agent_version": "", "vms": [meta["vm"]]}
         ).vms[0]
     except (OSError, ValueError, KeyError, TypeError, LuoAgentError) as exc:
-        raise RestoreError(f"{meta_path} is not a luoagent rescue image: {exc}") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RestoreError(f"{directory} is not a luoagent rescue image ({meta_path}: {why}); give --from-rescue "
+                           "the directory a failed `luoagent restore` printed (restore.json, vmstate, *.ram)") from None
     _check_rescue_owner(directory)
     # the files are named by the image's layout, never taken from restore.json: a path in
     # it could point anywhere
@@ -421,6 +430,17 @@ def _check_rescue_owner(directory: Path) -> None:
 # ---------------------------------------------------------------------------------------
 def restore(opts: RestoreOptions | None = None) -> dict:
     opts = opts or RestoreOptions()
+    _check_timeout(opts)
+    with vmwf.agent_lock(opts.vm_root, "restore"):
+        return _restore(opts)
+
+
+def _check_timeout(opts: RestoreOptions) -> None:
+    if not opts.timeout > 0:
+        raise UsageError(f"--timeout {opts.timeout:g}: give the seconds each QEMU step may take, more than 0 (default 60)")
+
+
+def _restore(opts: RestoreOptions) -> dict:
     t0 = time.monotonic()
     lu = LiveUpdate.open()
     try:

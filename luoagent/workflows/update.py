@@ -220,7 +220,10 @@ def update(req: UpdateRequest) -> dict:
     """Run the whole update. Returns the result document (only for --dry-run does it return
     normally after rolling back; a real update ends in kexec). Raises UpdateError after a
     complete rollback, naming the step and the VM."""
-    return asyncio.run(_Update(req).run())
+    if not req.timeout > 0:
+        raise UsageError(f"--timeout {req.timeout:g}: give the seconds each QEMU step may take, more than 0 (default 60)")
+    with vmwf.agent_lock(req.vm_root, "update"):
+        return asyncio.run(_Update(req).run())
 
 
 class _Update:

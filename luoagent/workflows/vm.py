@@ -6,6 +6,7 @@ reads the records."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -81,11 +82,32 @@ def vm_root(explicit: str | os.PathLike | None = None) -> Path:
 def _prepare_dir(path: Path) -> None:
     try:
         private_files.makedirs(path)  # 0700 from creation: it holds the argv and the QMP socket
-    except PermissionError as exc:
+    except OSError as exc:
         raise UsageError(
             f"cannot create VM directory {path}: {exc.strerror}; run as root or pass "
             f"--vm-root / --vm-dir (or set ${VM_ROOT_ENV}) to a directory you own"
         ) from exc
+
+
+#: in the VM root: held by `update` and `restore` for their whole run, by `vm start`/`stop`
+#: while they change a VM directory (so no VM is started or stopped under an update)
+LOCK_FILE = ".luoagent.lock"
+
+
+@contextlib.contextmanager
+def agent_lock(root: str | os.PathLike, verb: str):
+    """One run at a time of the verbs that change VMs in this VM root; UsageError at once
+    (naming the holder) if another is running."""
+    path = Path(root) / LOCK_FILE
+    try:
+        with private_files.exclusive_lock(path):
+            yield
+    except private_files.Busy as exc:
+        raise UsageError(
+            f"another luoagent update/restore/vm start|stop is running on VM root {root} (pid {exc.holder or '?'} "
+            f"holds {path}); wait for it to finish, then run `luoagent {verb}` again") from None
+    except PermissionError as exc:
+        raise UsageError(f"cannot lock {path}: {exc.strerror}; run as root or pass --vm-root to a directory you own") from None
 
 
 def record_path(vm_dir: Path) -> Path:
@@ -221,9 +243,15 @@ def start_vm(
         )
 
     base = vm_root(root)
+    _prepare_dir(base)
+    with agent_lock(base, "vm start"):
+        return _start_locked(name, memory, qemu_args, smp=smp, binary=binary, version=version, probe=probe,
+                             base=base, vm_dir=vm_dir, accel=accel, timeout=timeout, identity=identity, user=user)
+
+
+def _start_locked(name, memory, qemu_args, *, smp, binary, version, probe, base, vm_dir, accel, timeout,
+                  identity, user) -> VmRecord:
     sdir = Path(vm_dir) if vm_dir else base / name
-    if sdir != base / name:
-        _prepare_dir(base)
     _prepare_dir(sdir)
     _refuse_running_duplicate(name, base)
     link = base / name
@@ -368,6 +396,11 @@ def stop_vm(name: str, *, root: str | os.PathLike | None = None, force: bool = F
             timeout: float = 15.0) -> dict:
     """Quit VM ``name`` via QMP (SIGKILL with ``force`` if QMP does not answer); remove its state."""
     record = load_record(name, root)
+    with agent_lock(vm_root(root), "vm stop"):
+        return _stop_locked(name, record, root, force, timeout)
+
+
+def _stop_locked(name: str, record: VmRecord, root, force: bool, timeout: float) -> dict:
     how = "already gone"
     if is_vm_process(record):
         try:

@@ -31,6 +31,8 @@ VMS = ("a", "b")
 #: a is started with `luoagent vm start`; b by "another tool" (plain QEMU) and adopted by its
 #: QMP socket, so both ways in are exercised
 STARTED_BY_LUOAGENT = "a"
+#: a runs unprivileged (`vm start --user`); b, adopted, runs as root: restore must keep both
+UNPRIVILEGED_USER, UNPRIVILEGED_IDS = "nobody", [65534, 65534]
 VM_RAM = 64 * 1024 * 1024
 VM_ROOT = Path("/run/luoagent/vms")  # `luoagent vm`'s state root
 RUN_ROOT = Path("/run/luoagent-lab")  # the adopted guest's socket + serial log (tmpfs)
@@ -56,6 +58,7 @@ RESCUE_NOT_PRESERVABLE = "update refuses a VM whose RAM is a rescue file, naming
 NO_SESSION_LEFT = "after rollback ({case}): sessions luoagent/vm/a, luoagent/vm/b, luoagent can be created again"
 VERSION_ERROR = "restore with a manifest of unknown major version fails naming both versions"
 MISSING_ERROR = "restore in a boot with no manifest says there is nothing to restore"
+SAME_IDENTITY = "guest {vm}: restored QEMU runs as the uid/gid the old one had (a: nobody, b: root)"
 
 
 def luoagent(*args: str, fault: str = "", stdout=None, stderr=None, timeout: float = 240):
@@ -95,7 +98,7 @@ def start_guest(vm: str, seed: int) -> dict:
     from luoagent.lab import guest
 
     if vm == STARTED_BY_LUOAGENT:
-        r = luoagent("vm", "start", vm, "--memory", f"{VM_RAM >> 20}M", "--json", "--",
+        r = luoagent("vm", "start", vm, "--memory", f"{VM_RAM >> 20}M", "--user", UNPRIVILEGED_USER, "--json", "--",
                      "-machine", "pc", "-nodefaults", "-kernel", str(_guest_elf()), timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"luoagent vm start {vm} failed: {r.stderr[-1500:]}")
@@ -128,13 +131,15 @@ def start_guest(vm: str, seed: int) -> dict:
         st = guest.read_state(fd)
     finally:
         os.close(fd)
-    return {"pid": pid, "seed": seed, "counter_started": st.counter}
+    from luoagent.adapters import procfs
+
+    return {"pid": pid, "seed": seed, "counter_started": st.counter, "identity": list(procfs.identity(pid))}
 
 
 async def _ram_fd_of(sock: Path) -> tuple[int, int]:
     """(pid, our fd on its RAM memfd) of the QEMU behind a QMP socket."""
     from luoagent.adapters import procfs, qemu_ram, qmp_client
-    from luoagent.workflows.update import peer_pid
+    from luoagent.adapters.procfs import peer_pid
 
     pid = peer_pid(sock)
     async with await qmp_client.Qmp.connect(sock, timeout=30) as q:
@@ -277,6 +282,16 @@ def stage_restore(ctx) -> None:
         ctx.check(0 < v.get("vmstate_bytes", 0) < VM_RAM // 100, VMSTATE_SMALL.format(vm=vm), str(v))
         ctx.check(v.get("no_guest_ram_block_in_stream") is True and 0 <= v.get("ram_bytes_copied", -1) < VM_RAM // 100,
                   RAM_NOT_COPIED.format(vm=vm), str(v))
+        from luoagent.adapters import procfs
+
+        before_ids = st["vms"][vm].get("identity")
+        try:
+            now_ids = list(procfs.identity(procfs.peer_pid(_sock(vm))))
+        except Exception as exc:
+            now_ids = [f"{type(exc).__name__}: {exc}"]
+        ctx.diag(f"guest {vm}: QEMU uid/gid {before_ids} before update, {now_ids} after restore")
+        ctx.check(now_ids == before_ids == (UNPRIVILEGED_IDS if vm == STARTED_BY_LUOAGENT else [0, 0]),
+                  SAME_IDENTITY.format(vm=vm), f"before {before_ids}, after {now_ids}")
         try:
             _pid, fd = ram_fd_of(_sock(vm))
         except Exception as exc:
