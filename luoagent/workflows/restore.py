@@ -302,7 +302,8 @@ async def start_incoming(
         "load_vmstate": round((out.timings["incoming_done_ns"] - out.timings["qemu_up_ns"]) / 1e9, 3),
         "cont": round((out.timings["running_ns"] - out.timings["incoming_done_ns"]) / 1e9, 3),
     }
-    register_vm(opts.vm_root, vm, binary, argv, proc.pid, log_path)
+    # runs `QEMU --version` and writes vm.json: off the event loop, other VMs may still be loading
+    await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path)
 
 
 def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
