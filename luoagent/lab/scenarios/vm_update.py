@@ -390,8 +390,11 @@ def _stop_guests() -> None:
 
 
 def stage_unknown_version(ctx) -> None:
+    from luoagent import manifest as mf
+
     r = luoagent("restore")
-    ctx.check(r.returncode != 0 and "99.0" in r.stderr and "1.0" in r.stderr and "Traceback" not in r.stderr,
+    ours = "{}.{}".format(*mf.SCHEMA_VERSION)  # the version this luoagent writes, named in the error
+    ctx.check(r.returncode != 0 and "99.0" in r.stderr and ours in r.stderr and "Traceback" not in r.stderr,
               VERSION_ERROR, r.stderr[-1500:])
     ctx.diag("restore: " + r.stderr.strip()[-400:])
 
