@@ -25,6 +25,7 @@ Every message says what happened and what to do; the CLI prints ``str(exc)`` and
      │    └── RebootRefused         reboot(LINUX_REBOOT_CMD_KEXEC) returned
      ├── QemuError                  QEMU process or QMP failures
      │    ├── QemuNotFound          no usable qemu-system-x86_64
+     │    ├── UntrustedBinary       a QEMU binary someone other than root could change
      │    ├── QmpUnreachable        QMP socket missing / refused / timed out
      │    ├── QmpCommandFailed      QEMU answered a command with an error
      │    ├── MigrationFailed       cpr-reboot save or load did not complete
@@ -146,6 +147,10 @@ class QemuError(LuoAgentError):
 
 
 class QemuNotFound(QemuError):
+    pass
+
+
+class UntrustedBinary(QemuError):
     pass
 
 

@@ -14,7 +14,7 @@ from luoagent.errors import InvalidName, ManifestCorrupt, ManifestVersionError
 
 #: (major, minor). A reader accepts any minor of its major (new fields are optional and ignored);
 #: a different major means the layout changed incompatibly and restore must refuse.
-SCHEMA_VERSION = (1, 0)
+SCHEMA_VERSION = (1, 1)  # 1.1: the QEMU's uid/gid, ram_blocks_in_stream_bytes
 
 #: well-known session that carries the manifest across kexec, and the manifest's token in it
 MANIFEST_SESSION = "luoagent"
@@ -28,6 +28,11 @@ SESSION_NAME_MAX = 63
 MANIFEST_MAX_BYTES = 4 << 20
 
 _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+#: a QOM id as QEMU accepts it (qom/object id rules); it also names the rescue image's RAM file,
+#: so it must never hold '/' or start with '.'
+_RAM_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+#: sun_path holds 108 bytes including the NUL
+_SOCKET_PATH_MAX = 107
 
 
 def vm_session_name(vm_name: str) -> str:
@@ -87,9 +92,16 @@ class PreservedVm:
     stopped_at_ns: int  # CLOCK_REALTIME when `stop` was issued
     saved_at_ns: int  # CLOCK_REALTIME when the cpr-reboot save completed
     qemu_version: str
-    ram_bytes_copied: int  # from the source's query-migrate: RAM bytes written into vmstate
+    #: upper bound on guest RAM bytes in the vmstate: the RAM page bytes QEMU wrote (query-migrate
+    #: ram.normal-bytes, every block incl. firmware), capped by the stream size
+    ram_bytes_copied: int
     session: str = ""
     pid: int = 0  # the QEMU pid before kexec (for the report only)
+    #: identity the QEMU ran as (from /proc/PID/status, schema 1.1); restore keeps it
+    uid: int = 0
+    gid: int = 0
+    #: query-migrate ram.total: size of the RAM blocks QEMU put in the stream (-1: not reported)
+    ram_blocks_in_stream_bytes: int = -1
 
     def __post_init__(self) -> None:
         if not self.session:
@@ -147,6 +159,8 @@ class Manifest:
             )
         try:
             vms = []
+            if not isinstance(doc["vms"], list):
+                raise TypeError("'vms' must be a list")
             for v in doc["vms"]:
                 vms.append(
                     PreservedVm(
@@ -167,7 +181,10 @@ class Manifest:
                         qemu_version=_typed(v, "qemu_version", str),
                         ram_bytes_copied=_typed(v, "ram_bytes_copied", int),
                         session=_typed(v, "session", str),
-                        pid=int(v.get("pid", 0)),
+                        pid=_optional(v, "pid", int, 0),
+                        uid=_optional(v, "uid", int, 0),
+                        gid=_optional(v, "gid", int, 0),
+                        ram_blocks_in_stream_bytes=_optional(v, "ram_blocks_in_stream_bytes", int, -1),
                     )
                 )
             m = cls(
@@ -178,7 +195,7 @@ class Manifest:
                 agent_version=_typed(doc, "agent_version", str),
                 vms=vms,
                 schema=(major, minor),
-                kernel_to_version=str(doc.get("kernel_to_version", "")),
+                kernel_to_version=_optional(doc, "kernel_to_version", str, ""),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestCorrupt(f"manifest field missing or malformed: {exc}") from None
@@ -195,11 +212,22 @@ class Manifest:
             if vm.name in seen:
                 raise ManifestCorrupt(f"manifest lists VM {vm.name!r} twice")
             seen.add(vm.name)
-            if vm.session != vm_session_name(vm.name):
+            try:
+                expected_session = vm_session_name(vm.name)
+            except InvalidName as exc:
+                raise ManifestCorrupt(f"manifest names an invalid VM: {exc}") from None
+            if vm.session != expected_session:
                 raise ManifestCorrupt(f"VM {vm.name!r}: session {vm.session!r} does not match its name")
             if not vm.ram:
                 raise ManifestCorrupt(f"VM {vm.name!r} has no RAM backends")
+            ids = [r.id for r in vm.ram]
+            if len(set(ids)) != len(ids):
+                raise ManifestCorrupt(f"VM {vm.name!r} lists a RAM backend id twice: {ids}")
             for i, r in enumerate(vm.ram):
+                if not _RAM_ID_RE.match(r.id):
+                    raise ManifestCorrupt(
+                        f"VM {vm.name!r}: RAM backend id {r.id!r} is not a QOM id (letters, digits, '.', '_', '-'; "
+                        "starting with a letter)")
                 if r.token != ram_token(i):
                     raise ManifestCorrupt(f"VM {vm.name!r}: RAM backend {r.id!r} has token {r.token}, expected {ram_token(i)}")
                 if r.size <= 0:
@@ -210,12 +238,36 @@ class Manifest:
                 raise ManifestCorrupt(f"VM {vm.name!r}: vmstate size {vm.vmstate.size}")
             if not vm.argv:
                 raise ManifestCorrupt(f"VM {vm.name!r} has an empty QEMU argv")
+            _check_path(vm.name, "binary", vm.binary)
+            _check_path(vm.name, "qmp_socket", vm.qmp_socket)
+            if len(vm.qmp_socket.encode()) > _SOCKET_PATH_MAX:
+                raise ManifestCorrupt(f"VM {vm.name!r}: qmp_socket {vm.qmp_socket!r} is longer than a unix socket path")
+            for key in ("pid", "uid", "gid"):
+                if not 0 <= getattr(vm, key) < 2**31:
+                    raise ManifestCorrupt(f"VM {vm.name!r}: {key} {getattr(vm, key)} is out of range")
 
     def vm(self, name: str) -> PreservedVm:
         for v in self.vms:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+
+def _check_path(vm: str, key: str, value: str) -> None:
+    """Paths restore acts on (executes, unlinks) must be absolute and normal: no '..', no '.',
+    no empty component, no NUL, so they cannot climb out of the directory they name."""
+    parts = value.split("/")
+    if not value.startswith("/") or "\0" in value or any(p in ("", ".", "..") for p in parts[1:]):
+        raise ManifestCorrupt(
+            f"VM {vm!r}: {key} {value!r} is not a normalised absolute path (no '.', '..' or '//'); "
+            "the manifest was not written by luoagent update")
+
+
+def _optional(d: dict, key: str, typ: type, default):
+    """An optional field (added in a minor version) with the same strict typing as _typed."""
+    if key not in d:
+        return default
+    return _typed(d, key, typ)
 
 
 def _parse_schema(value: object) -> tuple[int, int]:
@@ -273,7 +325,16 @@ def write_sealed_memfd(manifest: Manifest) -> int:
 
 
 def read_memfd(fd: int) -> Manifest:
-    """Parse a manifest from an fd (from offset 0, independent of the file position)."""
+    """Parse a manifest from an fd (from offset 0, independent of the file position). It must
+    carry the seals update added (LUO keeps them), so nobody can have changed it since."""
+    try:
+        sealed = is_sealed(fd)
+    except OSError:
+        sealed = False  # not a memfd at all
+    if not sealed:
+        raise ManifestCorrupt(
+            "manifest memfd is not sealed (F_SEAL_SEAL|SHRINK|GROW|WRITE): it was not written by "
+            "luoagent update, or was changed after; refusing to trust it")
     size = os.fstat(fd).st_size
     if size > MANIFEST_MAX_BYTES:
         raise ManifestCorrupt(f"manifest memfd is {size} bytes, more than {MANIFEST_MAX_BYTES}: not a luoagent manifest")

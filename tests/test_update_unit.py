@@ -6,6 +6,7 @@ No LUO, kexec or QEMU here; the one test double is a stand-in for /dev/liveupdat
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -164,10 +165,11 @@ def test_no_manifest_is_manifest_missing(exc, match):
 
 
 def test_unknown_manifest_version_via_memfd():
-    fd = os.memfd_create("m")
+    fd = os.memfd_create("m", os.MFD_ALLOW_SEALING)
     try:
         os.write(fd, json.dumps({"schema": "7.1", "vms": []}).encode())
-        with pytest.raises(ManifestVersionError, match=r"7\.1.*1\.0"):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        with pytest.raises(ManifestVersionError, match=r"7\.1.*1\.1"):
             mf.read_memfd(fd)
     finally:
         os.close(fd)
@@ -182,7 +184,8 @@ def test_demo_summary_reads_the_scenarios_diag_lines():
         "update: [update] quiesce done in 0.461 s",
         "update: [update]   kexec now (preparation took 3.515 s)",
         "restore: [restore] a: running (pid 34), blackout 9.215 s = save 0.244 + cont 0.053",
-        "guest a: blackout 9.215 s (stop -> running, across kexec), vmstate 316302 B of 64 MiB RAM, RAM bytes copied 0",
+        ("guest a: blackout 9.215 s (stop -> running, across kexec), vmstate 316302 B of 64 MiB RAM, guest RAM copied "
+         "at most 204800 B (RAM page bytes QEMU wrote), RAM blocks in stream 532480 B"),
         "guest a: counter 100 before update -> 200 after restore -> 300 0.5 s later",
         "fault after quiesce: [update] quiesce done in 0.3 s",
         "fault after quiesce: luoagent update: error: update failed at step after-quiesce: x",
@@ -193,11 +196,12 @@ def test_demo_summary_reads_the_scenarios_diag_lines():
     assert story["kernel"] == {"from": "7.2.13", "to": "7.3.4"}
     a = story["vms"]["a"]
     assert (a["counter_before"], a["counter_after"], a["counter_later"]) == (100, 200, 300)
-    assert a["ram_bytes_copied"] == 0 and a["vmstate_bytes"] == 316302 and a["ram_bytes"] == 64 << 20
+    assert a["ram_bytes_copied"] == 204800 and a["vmstate_bytes"] == 316302 and a["ram_bytes"] == 64 << 20
+    assert a["ram_blocks_in_stream_bytes"] == 532480
     assert a["blackout_s"] == 9.215 and a["blackout_parts"] == "save 0.244 + cont 0.053"
     assert story["rollbacks"] == {"fault after quiesce": "update failed at step after-quiesce: x"}
     text = demo.render(story, True, 82.0)
-    assert "kernel 7.2.13 -> 7.3.4" in text and "RAM bytes copied 0" in text and "100 before update -> 200 after restore" in text and "PASS" in text
+    assert "kernel 7.2.13 -> 7.3.4" in text and "RAM blocks of 532,480 B" in text and "at most 204,800 B" in text and "100 before update -> 200 after restore" in text and "PASS" in text
 
 
 def test_test_switches_are_ignored_outside_test_mode(monkeypatch):

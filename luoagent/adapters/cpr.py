@@ -1,5 +1,6 @@
 """cpr-reboot adapter: checkpoint a QEMU's device state with x-ignore-shared (RAM stays in its
-memfd) to a migration URI, load it into a QEMU started with `-incoming defer`, or undo the settings.
+memfd) to a migration URI, load it into a QEMU started with `-incoming defer`, or undo the settings;
+and what QEMU measured about the RAM it wrote (RamFigures).
 
 Functions over a `qmp_client.Qmp`; the QEMU facts are in docs/architecture.md."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from luoagent.adapters.qmp_client import Qmp
@@ -113,3 +115,44 @@ async def cancel_and_reset(q: Qmp, timeout: float = 2.0) -> None:
             await asyncio.sleep(0.01)
     await q.execute("migrate-set-parameters", {"mode": "normal"})
     await q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})
+
+
+@dataclass(frozen=True)
+class RamFigures:
+    """What QEMU measured about RAM in a finished save (query-migrate ``ram``), and only that;
+    None where this QEMU did not report a figure (never a guessed 0).
+
+    - ``pages_bytes``: bytes of RAM page data QEMU wrote into the stream (``normal-bytes``),
+      from every RAM block it migrated (firmware and ROM blocks included).
+    - ``zero_pages``: pages written as a zero-page marker only (``duplicate``).
+    - ``blocks_bytes``: total size of the RAM blocks QEMU migrated (``total``); blocks
+      x-ignore-shared skipped are not counted.
+    - ``qemu_stream_bytes``: bytes QEMU counted on the stream (``transferred``)."""
+
+    pages_bytes: int | None
+    zero_pages: int | None
+    blocks_bytes: int | None
+    qemu_stream_bytes: int | None
+
+    @classmethod
+    def from_query_migrate(cls, info: dict) -> "RamFigures":
+        ram = info.get("ram") or {}
+
+        def figure(key: str) -> int | None:
+            value = ram.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+        return cls(figure("normal-bytes"), figure("duplicate"), figure("total"), figure("transferred"))
+
+    def guest_ram_copied_at_most(self, stream_bytes: int) -> int:
+        """Upper bound on guest RAM bytes in the stream: RAM page data can only be in the
+        page bytes QEMU wrote, and never more than the stream holds."""
+        return stream_bytes if self.pages_bytes is None else min(self.pages_bytes, stream_bytes)
+
+    def no_guest_block_migrated(self, guest_block_sizes: list[int]) -> bool | None:
+        """True if no guest RAM backend can have been migrated: every migrated block counts
+        its full size in ``blocks_bytes``, and that total is below the smallest guest backend.
+        None when QEMU did not report the total."""
+        if self.blocks_bytes is None or not guest_block_sizes:
+            return None
+        return self.blocks_bytes < min(guest_block_sizes)

@@ -39,10 +39,27 @@ def current_cmdline() -> str:
 
 def loaded() -> bool:
     """True when a kexec image is loaded (/sys/kernel/kexec_loaded)."""
+    return loaded_state() is True
+
+
+def loaded_state() -> bool | None:
+    """Whether a kexec image is loaded; None when the kernel does not say (no sysfs file)."""
     try:
         return Path("/sys/kernel/kexec_loaded").read_text().strip() == "1"
     except OSError:
-        return False
+        return None
+
+
+def dirty_bytes(meminfo: str | None = None) -> int | None:
+    """Page cache not yet on disk (Dirty + Writeback in /proc/meminfo), None if unreadable:
+    what a sync before the reboot would still have to write."""
+    try:
+        text = Path("/proc/meminfo").read_text() if meminfo is None else meminfo
+    except OSError:
+        return None
+    kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)
+          if k in ("Dirty", "Writeback")}
+    return (kb["Dirty"] + kb["Writeback"]) * 1024 if len(kb) == 2 else None
 
 
 def _open_image(path: Path, what: str) -> int:
@@ -103,13 +120,15 @@ def unload() -> None:
         )
 
 
-def reboot_kexec() -> None:
-    """sync, then reboot(LINUX_REBOOT_CMD_KEXEC) into the loaded image. Returns only by raising.
+def reboot_kexec(sync: bool = True) -> None:
+    """sync (unless the caller synced already and nothing is dirty), then
+    reboot(LINUX_REBOOT_CMD_KEXEC) into the loaded image. Returns only by raising.
 
     With LUO, the kernel freezes every preserved session first; if that fails it refuses the
     reboot and this raises RebootRefused (the system keeps running, sessions intact).
     """
-    os.sync()
+    if sync:
+        os.sync()
     log.info("kexec.reboot")
     ret = lib.sys_reboot_kexec()
     err = -ret if ret < 0 else 0

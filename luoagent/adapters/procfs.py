@@ -1,5 +1,6 @@
-"""/proc and pidfd helpers: who holds a file open, what an fd points at, a process's argv, who
-serves a unix socket (SO_PEERCRED), and taking a copy of another process's fd (pidfd_getfd)."""
+"""/proc and pidfd helpers: who holds a file open, what an fd points at, a process's argv, its
+executable and identity as the kernel reports them, who serves a unix socket (SO_PEERCRED),
+and taking a copy of another process's fd (pidfd_getfd)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,39 @@ def argv(pid: int, proc: Path = Path("/proc")) -> list[str]:
     if parts[-1] == b"":
         parts.pop()  # the NUL that ends the last argument
     return [part.decode(errors="surrogateescape") for part in parts]
+
+
+def exe(pid: int, proc: Path = Path("/proc")) -> str:
+    """The file the kernel is running as ``pid`` (/proc/PID/exe; a process cannot rewrite it as
+    it can its cmdline). A binary replaced on disk since shows as 'PATH (deleted)': PATH is
+    returned, and names the file that is there now. OSError once it has exited."""
+    target = os.readlink(proc / str(pid) / "exe")
+    return target[: -len(" (deleted)")] if target.endswith(" (deleted)") else target
+
+
+def mapped_executables(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """Files mapped executable into ``pid`` (from /proc/PID/maps), in map order."""
+    found: list[str] = []
+    for line in (proc / str(pid) / "maps").read_text().splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
+            path = fields[5].removesuffix(" (deleted)")
+            if path not in found:
+                found.append(path)
+    return found
+
+
+def identity(pid: int, proc: Path = Path("/proc")) -> tuple[int, int]:
+    """(effective uid, effective gid) of ``pid`` from /proc/PID/status; OSError once it exited."""
+    uid = gid = None
+    for line in (proc / str(pid) / "status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            uid = int(line.split()[2])
+        elif line.startswith("Gid:"):
+            gid = int(line.split()[2])
+    if uid is None or gid is None:
+        raise OSError(f"/proc/{pid}/status has no Uid/Gid lines")
+    return uid, gid
 
 
 def fd_target(pid: int, fd: int, proc: Path = Path("/proc")) -> str | None:

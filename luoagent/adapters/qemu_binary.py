@@ -9,15 +9,16 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from luoagent.adapters import procfs
+from luoagent.adapters import private_files, procfs
 from luoagent.adapters.qmp_client import Qmp, run_sync
-from luoagent.errors import QemuError, QemuNotFound, QmpCommandFailed, QmpUnreachable
+from luoagent.errors import QemuError, QemuNotFound, QmpCommandFailed, QmpUnreachable, UntrustedBinary
 
 QEMU_ENV = "LUOAGENT_QEMU"
 QEMU_BINARY_NAME = "qemu-system-x86_64"
@@ -140,7 +141,7 @@ def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=N
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp_socket)
         full += qmp_args(qmp_socket)
-    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    out = os.fdopen(private_files.open_append(log), "ab") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(
             full,
@@ -150,6 +151,8 @@ def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=N
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
             start_new_session=daemon,
             preexec_fn=_preexec,
+            # what QEMU creates itself (serial log, pidfile, sockets) holds guest output: 0600
+            umask=0o077,
         )
     except OSError as exc:
         raise QemuNotFound(f"cannot start {binary}: {exc}") from exc
@@ -268,15 +271,54 @@ def log_tail(path: Path, limit: int = 600) -> str:
 
 
 def qemu_cmdline(pid: int) -> tuple[str, list[str]]:
-    """(binary, QEMU arguments) of a running QEMU from /proc/PID/cmdline.
+    """(binary, QEMU arguments) of a running QEMU. The binary is what the kernel runs
+    (/proc/PID/exe), never the process's own argv[0]; the arguments come from /proc/PID/cmdline
+    (the process could rewrite them, but they only ever run again under its own identity).
 
-    A QEMU run through the dynamic loader (the lab's host wrapper) shows ld.so first; the
-    binary is then the first argument naming qemu-system-*."""
+    A QEMU run through the dynamic loader (the lab's host wrapper) has ld.so as its exe; the
+    binary is then the qemu-system-* file the kernel has mapped executable into it."""
     try:
+        exe = procfs.exe(pid)
         parts = procfs.argv(pid)
+        if _is_loader(exe):
+            mapped = [p for p in procfs.mapped_executables(pid) if _QEMU_NAME.search(p)]
+            if not mapped:
+                raise UntrustedBinary(
+                    f"QEMU pid {pid} runs {exe} (a dynamic loader) but has no qemu-system-* binary mapped; "
+                    "cannot tell which QEMU it is")
+            exe = mapped[0]
     except OSError as exc:
-        raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc.strerror}") from None
+        raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc.strerror or exc}") from None
     for i, p in enumerate(parts):
-        if re.search(r"qemu-system-[\w]+$", p):
-            return p, parts[i + 1 :]
-    return parts[0] if parts else "", parts[1:]
+        if _QEMU_NAME.search(p):
+            return exe, parts[i + 1 :]
+    return exe, parts[1:]
+
+
+_QEMU_NAME = re.compile(r"qemu-system-[\w]+$")
+
+
+def _is_loader(path: str) -> bool:
+    return Path(path).name.startswith("ld-") and ".so" in Path(path).name
+
+
+def check_trusted(binary: str | os.PathLike) -> Path:
+    """The binary if only root can change it: a regular file (symlinks resolved) owned by root,
+    not writable by group or others, in directories with the same properties. Otherwise
+    UntrustedBinary: running it as root would run whatever its writer put there."""
+    path = Path(os.path.realpath(binary))
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UntrustedBinary(f"QEMU binary {binary}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedBinary(f"QEMU binary {binary} is not a regular file")
+    for p in [path, *path.parents]:
+        st = os.stat(p)
+        writable = st.st_mode & 0o022 and not (p != path and st.st_mode & stat.S_ISVTX and st.st_uid == 0)
+        if st.st_uid != 0 or writable:
+            raise UntrustedBinary(
+                f"QEMU binary {binary}: {p} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; "
+                "luoagent only runs a QEMU that only root can change: install QEMU root-owned "
+                "(e.g. the Debian package) or pass --qemu with such a binary")
+    return path

@@ -20,7 +20,8 @@ _PREP = re.compile(r"update: \[update\]\s+kexec now \(preparation took (?P<s>[\d
 _COUNTER = re.compile(r"guest (?P<vm>\S+): counter (?P<before>\d+) before update -> (?P<after>\d+) after restore "
                       r"-> (?P<later>\d+) 0\.5 s later")
 _REPORT = re.compile(r"guest (?P<vm>\S+): blackout (?P<blackout>[\d.]+) s \(stop -> running, across kexec\), "
-                     r"vmstate (?P<vmstate>\d+) B of (?P<ram>\d+) MiB RAM, RAM bytes copied (?P<copied>-?\d+)")
+                     r"vmstate (?P<vmstate>\d+) B of (?P<ram>\d+) MiB RAM, guest RAM copied at most (?P<copied>-?\d+) B "
+                     r"\(RAM page bytes QEMU wrote\), RAM blocks in stream (?P<blocks>-?\d+) B")
 _PARTS = re.compile(r"restore: \[restore\] (?P<vm>\S+): running \(pid \d+\), blackout [\d.]+ s = (?P<parts>.*)")
 _KERNELS = re.compile(r"restore: \[restore\] manifest: .* written by kernel (?P<old>\S+), now on (?P<new>\S+)")
 _ROLLBACK = re.compile(r"(?P<case>fault after quiesce|reboot refused): luoagent update: error: (?P<msg>.*)")
@@ -50,7 +51,8 @@ def summarize(diag_lines: list[str]) -> dict:
         elif m := _REPORT.search(line):
             story["vms"].setdefault(m["vm"], {}).update(
                 blackout_s=float(m["blackout"]), vmstate_bytes=int(m["vmstate"]),
-                ram_bytes=int(m["ram"]) << 20, ram_bytes_copied=int(m["copied"]))
+                ram_bytes=int(m["ram"]) << 20, ram_bytes_copied=int(m["copied"]),
+                ram_blocks_in_stream_bytes=int(m["blocks"]))
         elif m := _PARTS.search(line):
             story["vms"].setdefault(m["vm"], {})["blackout_parts"] = m["parts"]
         elif m := _KERNELS.search(line):
@@ -78,8 +80,10 @@ def render(story: dict, passed: bool, duration: float) -> str:
                        f"restore -> {v['counter_later']:,} 0.5 s later (it kept counting, no reboot)")
         if "vmstate_bytes" in v:
             pct = 100.0 * v["vmstate_bytes"] / max(v["ram_bytes"], 1)
-            out.append(f"  guest RAM       {v['ram_bytes'] >> 20} MiB stayed in place: RAM bytes copied "
-                       f"{v['ram_bytes_copied']}, vmstate {v['vmstate_bytes']:,} B ({pct:.2f} % of RAM)")
+            out.append(f"  guest RAM       {v['ram_bytes'] >> 20} MiB stayed in place: QEMU migrated RAM blocks of "
+                       f"{v['ram_blocks_in_stream_bytes']:,} B in all (firmware; less than the guest's RAM), "
+                       f"wrote at most {v['ram_bytes_copied']:,} B of RAM pages; vmstate {v['vmstate_bytes']:,} B "
+                       f"({pct:.2f} % of RAM)")
             out.append(f"  blackout        {v['blackout_s']:.3f} s from stop to running again")
         if "blackout_parts" in v:
             out.append(f"                  = {v['blackout_parts']}")

@@ -226,6 +226,29 @@ def gather(qemu: str | None = None, *, with_qemu: bool = True) -> list[Check]:
     return checks
 
 
+def check_vm_identities(root: str | None = None) -> Check:
+    """Advice, never a failure: which running VMs' QEMUs run as root (a guest that escapes into
+    such a QEMU owns the host). The identity is the kernel's (/proc/PID/status)."""
+    from luoagent.adapters import procfs
+    from luoagent.workflows import vm as vmwf
+
+    as_root, others = [], []
+    for record in vmwf.list_records(root):
+        if not vmwf.is_vm_process(record):
+            continue
+        try:
+            uid, _gid = procfs.identity(record.pid)
+        except OSError:
+            continue
+        (as_root if uid == 0 else others).append(f"{record.name} (pid {record.pid}, uid {uid})")
+    if as_root:
+        return Check("vm-identity", True, "VMs whose QEMU runs as root: " + ", ".join(as_root),
+                     "start VMs with `luoagent vm start --user USER` (QEMU -run-with user=) so a guest "
+                     "escape does not run as root; restore keeps each QEMU's identity")
+    return Check("vm-identity", True, ("no VM runs as root: " + ", ".join(others)) if others
+                 else f"no running VMs under {vmwf.vm_root(root)}")
+
+
 def report(checks: list[Check]) -> dict:
     return {"ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
 
@@ -234,8 +257,8 @@ def render(doc: dict) -> str:
     lines = []
     for c in doc["checks"]:
         lines.append(f"{'✔' if c['ok'] else '✘'} {c['name']:<24} {c['detail']}")
-        if not c["ok"] and c["fix"]:
-            lines.append(f"  {'':<24} fix: {c['fix']}")
+        if c["fix"]:  # a passing check with a fix is advice (vm-identity)
+            lines.append(f"  {'':<24} {'fix' if not c['ok'] else 'advice'}: {c['fix']}")
     failed = sum(not c["ok"] for c in doc["checks"])
     lines.append("live update: possible on this host" if doc["ok"] else
                  f"live update: NOT possible on this host ({failed} problem{'s' * (failed != 1)} above)")
@@ -247,10 +270,13 @@ def configure(parser):
     parser.add_argument("--json", action="store_true", help='print {"ok": bool, "checks": [...]} on stdout')
     parser.add_argument("--qemu", metavar="PATH", help="QEMU binary to check (default: $LUOAGENT_QEMU, then PATH)")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU checks (kernel/host only)")
+    parser.add_argument("--vm-root", dest="vm_root", default=None,
+                        help="VM root whose running VMs are checked for running as root "
+                        "(default $LUOAGENT_VM_ROOT or /run/luoagent/vms)")
 
 
 def run(args) -> int:
-    doc = report(gather(args.qemu, with_qemu=not args.no_qemu))
+    doc = report(gather(args.qemu, with_qemu=not args.no_qemu) + [check_vm_identities(args.vm_root)])
     log.info("doctor", ok=doc["ok"], failed=[c["name"] for c in doc["checks"] if not c["ok"]])
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))

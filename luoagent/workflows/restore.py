@@ -13,13 +13,14 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from luoagent import manifest as mf
 from luoagent import memfd, testmode
-from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
+from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
@@ -28,6 +29,7 @@ from luoagent.errors import (
     SessionAlreadyRetrieved,
     SessionNotFound,
     TokenNotFound,
+    UsageError,
 )
 from luoagent.log import get_logger
 from luoagent.report import Progress
@@ -104,8 +106,12 @@ class VmOutcome:
     blackout_ns: int = 0
     vmstate_bytes: int = 0
     ram_bytes: int = 0
-    ram_bytes_copied: int = 0
+    ram_bytes_copied: int = 0  # upper bound, from what the source QEMU measured (manifest)
+    ram_blocks_in_stream_bytes: int = -1
+    no_guest_ram_block_in_stream: bool | None = None
     was_running: bool = False
+    uid: int = 0
+    gid: int = 0
     timings: dict = field(default_factory=dict)
     blackout_parts: dict = field(default_factory=dict)
 
@@ -140,8 +146,8 @@ def retrieve_manifest(lu) -> tuple[object, mf.Manifest]:
         # describes stay retrievable for the rest of this boot (by a luoagent that reads it).
         saved = DEFAULT_RESCUE_DIR / f"manifest-{time.time_ns()}.json"
         try:
-            DEFAULT_RESCUE_DIR.mkdir(parents=True, exist_ok=True)
-            saved.write_bytes(os.pread(fd, mf.MANIFEST_MAX_BYTES, 0))
+            private_files.makedirs(DEFAULT_RESCUE_DIR)  # VM argv may hold secrets: 0700 / 0600
+            private_files.write_bytes(saved, os.pread(fd, mf.MANIFEST_MAX_BYTES, 0))
             exc.args = (f"{exc}; the manifest was saved to {saved}; the VM sessions stay preserved "
                         "until the next reboot",) + exc.args[1:]
         except OSError:
@@ -158,9 +164,14 @@ def retrieve_manifest(lu) -> tuple[object, mf.Manifest]:
 def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
     """Recreate the directories (tmpfs /run is empty after kexec) and remove a stale socket."""
     sock = Path(qmp_socket)
-    sock.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
+    private_files.makedirs(sock.parent)
+    try:
+        if not stat.S_ISSOCK(os.lstat(sock).st_mode):
+            # the manifest names a file that is not a socket: never delete what is not ours
+            raise RestoreError(f"QMP socket path {sock} exists and is not a socket; move it away, then retry")
         sock.unlink()
+    except FileNotFoundError:
+        pass
     for i, a in enumerate(argv[:-1]):
         value = argv[i + 1]
         path = None
@@ -169,19 +180,58 @@ def _prepare_paths(argv: list[str], qmp_socket: str) -> None:
         elif a in ("-serial", "--serial") and value.startswith("file:"):
             path = value[len("file:"):]
         if path and path.startswith("/"):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_files.makedirs(Path(path).parent)
+
+
+def qmp_socket_paths(argv: list[str]) -> list[str]:
+    """Unix socket paths a QEMU argv serves QMP on: ``-qmp unix:PATH[,...]`` and
+    ``-chardev socket,id=ID,path=PATH`` used by ``-mon chardev=ID`` (mode control is the default)."""
+    found, chardevs, monitors = [], {}, []
+    for opt, value in zip(argv, argv[1:]):
+        opt = opt[1:] if opt.startswith("--") else opt
+        if opt in ("-qmp", "-qmp-pretty") and value.startswith("unix:"):
+            found.append(value[len("unix:"):].split(",", 1)[0])
+        elif opt == "-chardev" and value.startswith("socket,"):
+            keys = dict(kv.split("=", 1) for kv in value.split(",")[1:] if "=" in kv)
+            if "id" in keys and "path" in keys:
+                chardevs[keys["id"]] = keys["path"]
+        elif opt == "-mon":
+            keys = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+            if keys.get("mode", "control") == "control" and "chardev" in keys:
+                monitors.append(keys["chardev"])
+    return found + [chardevs[m] for m in monitors if m in chardevs]
 
 
 def _has_qmp_on(argv: list[str], qmp_socket: str) -> bool:
-    return any(qmp_socket in a for a in argv)
+    """Does the argv already serve QMP on exactly this path (compared as paths, not substrings)?"""
+    want = os.path.normpath(qmp_socket)
+    return any(os.path.normpath(p) == want for p in qmp_socket_paths(argv))
 
 
 def _binary(vm: mf.PreservedVm, opts: RestoreOptions) -> str:
+    """--qemu / $LUOAGENT_QEMU (the operator's choice), else the recorded binary, else PATH;
+    the latter two only if root alone can change them (qemu_binary.check_trusted)."""
     if opts.qemu or os.environ.get(qemu_binary.QEMU_ENV):
         return str(qemu_binary.find_qemu(opts.qemu))
     if vm.binary and os.access(vm.binary, os.X_OK) and not Path(vm.binary).name.startswith("ld-"):
+        qemu_binary.check_trusted(vm.binary)
         return vm.binary
-    return str(qemu_binary.find_qemu())
+    found = qemu_binary.find_qemu()
+    qemu_binary.check_trusted(found)
+    return str(found)
+
+
+def identity_args(vm: mf.PreservedVm, argv: list[str]) -> list[str]:
+    """QEMU options that make the restored QEMU drop to the identity the old one had: it is
+    started as root (it must inherit the RAM fds) and switches after opening its files.
+    Nothing is added for a root QEMU or an argv that already names a user itself."""
+    if vm.uid == 0 and vm.gid == 0:
+        return []
+    for opt, value in zip(argv, argv[1:]):
+        opt = opt[1:] if opt.startswith("--") else opt
+        if opt == "-runas" or (opt == "-run-with" and any(kv.startswith("user=") for kv in value.split(","))):
+            return []
+    return ["-run-with", f"user={vm.uid}:{vm.gid}"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,9 +249,10 @@ async def start_incoming(
     t_start = time.time_ns()
     binary = _binary(vm, opts)
     argv = qemu_ram.restore_argv(vm.argv, mem_paths)
+    argv += identity_args(vm, argv)
     _prepare_paths(argv, vm.qmp_socket)
     vm_dir = opts.vm_root / vm.name
-    vm_dir.mkdir(parents=True, exist_ok=True)
+    private_files.makedirs(vm_dir)
     log_path = vm_dir / "qemu.log"
     # `luoagent vm start` records argv without its -qmp; an adopted QEMU's argv has its own
     own_qmp = None if _has_qmp_on(argv, vm.qmp_socket) else vm.qmp_socket
@@ -211,6 +262,12 @@ async def start_incoming(
         q = await qmp_client.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
         try:
             out.timings["qemu_up_ns"] = time.time_ns()
+            # QEMU drops privileges before it serves QMP: by now it must be who it was
+            now = procfs.identity(proc.pid)
+            if now != (vm.uid, vm.gid):
+                raise RestoreError(f"VM {vm.name}: restored QEMU runs as uid/gid {now[0]}:{now[1]}, "
+                                   f"the old one ran as {vm.uid}:{vm.gid}; refusing to resume it")
+            out.uid, out.gid = now
             rfd = memfd.reopen(vmstate_fd, os.O_RDONLY)  # the fdset's access mode must match the load
             try:
                 await q.add_fd(rfd, INCOMING_FDSET, opaque=f"luoagent vmstate {vm.name}")
@@ -245,7 +302,8 @@ async def start_incoming(
         "load_vmstate": round((out.timings["incoming_done_ns"] - out.timings["qemu_up_ns"]) / 1e9, 3),
         "cont": round((out.timings["running_ns"] - out.timings["incoming_done_ns"]) / 1e9, 3),
     }
-    register_vm(opts.vm_root, vm, binary, argv, proc.pid, log_path)
+    # runs `QEMU --version` and writes vm.json: off the event loop, other VMs may still be loading
+    await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path)
 
 
 def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
@@ -265,7 +323,7 @@ def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str],
 def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue_root: Path) -> Path:
     """Write RAM files + vmstate + restore.json under ``rescue_root/NAME-TIME``; fsync'd."""
     target = rescue_root / f"{vm.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-    target.mkdir(parents=True, exist_ok=False)
+    private_files.mkdir(target)  # guest RAM: 0700, files 0600, from creation on
     need = vm.ram_bytes + vm.vmstate.size
     free = shutil.disk_usage(target).free
     if free < need:
@@ -287,7 +345,7 @@ def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue
         "ram_files": ram_files,
         "vmstate": str(target / "vmstate"),
     }
-    (target / "restore.json").write_text(json.dumps(doc, indent=1))
+    private_files.write_text(target / "restore.json", json.dumps(doc, indent=1), fsync=True)
     dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -296,8 +354,14 @@ def write_rescue(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue
     return target
 
 
+async def write_rescue_async(vm: mf.PreservedVm, ram_fds: list[int], vmstate_fd: int, rescue_root: Path) -> Path:
+    """write_rescue in a worker thread: copying GiBs must not hold up the event loop, on which
+    the other VMs' restores (their `cont`) run."""
+    return await asyncio.to_thread(write_rescue, vm, ram_fds, vmstate_fd, rescue_root)
+
+
 def _copy_fd(src: int, path: Path, size: int) -> None:
-    with open(path, "wb") as f:
+    with os.fdopen(private_files.open_new(path), "wb") as f:
         os.ftruncate(f.fileno(), size)
         # only data extents: guest RAM is mostly holes/zero pages, and the file stays sparse
         for start, end in memfd.data_extents(src, size):
@@ -317,6 +381,12 @@ def _copy_fd(src: int, path: Path, size: int) -> None:
 
 def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
     """Restore one VM from a rescue image (RAM stays in the files, share=on)."""
+    _check_timeout(opts)
+    with vmwf.agent_lock(opts.vm_root, "restore"):
+        return _restore_from_rescue(directory, opts)
+
+
+def _restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
     meta_path = directory / "restore.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -324,16 +394,36 @@ def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
             {"schema": "1.0", "created_ns": 0, "kernel_from": "", "kernel_to": "", "kernel_cmdline": "",
              "agent_version": "", "vms": [meta["vm"]]}
         ).vms[0]
-    except (OSError, ValueError, KeyError) as exc:
-        raise RestoreError(f"{meta_path} is not a luoagent rescue image: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, LuoAgentError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RestoreError(f"{directory} is not a luoagent rescue image ({meta_path}: {why}); give --from-rescue "
+                           "the directory a failed `luoagent restore` printed (restore.json, vmstate, *.ram)") from None
+    _check_rescue_owner(directory)
+    # the files are named by the image's layout, never taken from restore.json: a path in
+    # it could point anywhere
+    ram_files = {r.id: str(directory / f"{r.id}.ram") for r in vm.ram}
     out = VmOutcome(name=vm.name, was_running=vm.was_running, vmstate_bytes=vm.vmstate.size, ram_bytes=vm.ram_bytes)
-    vfd = os.open(meta["vmstate"], os.O_RDONLY | os.O_CLOEXEC)
     try:
-        asyncio.run(start_incoming(vm, [], vfd, meta["ram_files"], opts, out))
+        vfd = os.open(directory / "vmstate", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise RestoreError(f"rescue image {directory}: cannot open vmstate: {exc.strerror}") from None
+    try:
+        asyncio.run(start_incoming(vm, [], vfd, ram_files, opts, out))
     finally:
         os.close(vfd)
     out.ram_bytes_copied = vm.ram_bytes_copied
     return {"ok": out.ok, "vms": [out.__dict__], "from_rescue": str(directory)}
+
+
+def _check_rescue_owner(directory: Path) -> None:
+    """A rescue image is run as a VM: only one that this user owns and nobody else can change."""
+    for p in [directory, *(directory / n for n in os.listdir(directory))]:
+        st = os.lstat(p)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+            raise RestoreError(
+                f"rescue image {directory}: {p} is owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):o}{' (a symlink)' if stat.S_ISLNK(st.st_mode) else ''}; "
+                f"only an image owned by uid {os.geteuid()} and writable by nobody else is restored")
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,6 +431,17 @@ def restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
 # ---------------------------------------------------------------------------------------
 def restore(opts: RestoreOptions | None = None) -> dict:
     opts = opts or RestoreOptions()
+    _check_timeout(opts)
+    with vmwf.agent_lock(opts.vm_root, "restore"):
+        return _restore(opts)
+
+
+def _check_timeout(opts: RestoreOptions) -> None:
+    if not opts.timeout > 0:
+        raise UsageError(f"--timeout {opts.timeout:g}: give the seconds each QEMU step may take, more than 0 (default 60)")
+
+
+def _restore(opts: RestoreOptions) -> dict:
     t0 = time.monotonic()
     lu = LiveUpdate.open()
     try:
@@ -373,6 +474,9 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         vmstate_bytes=vm.vmstate.size,
         ram_bytes=vm.ram_bytes,
         ram_bytes_copied=vm.ram_bytes_copied,
+        ram_blocks_in_stream_bytes=vm.ram_blocks_in_stream_bytes,
+        no_guest_ram_block_in_stream=(None if vm.ram_blocks_in_stream_bytes < 0
+                                      else vm.ram_blocks_in_stream_bytes < min(r.size for r in vm.ram)),
     )
     session = None
     ram_fds: list[int] = []
@@ -400,7 +504,7 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         opts.reporter.log(f"{vm.name}: FAILED: {out.error}")
         if ram_fds and vmstate_fd >= 0:
             try:
-                path = write_rescue(vm, ram_fds, vmstate_fd, opts.rescue_dir)
+                path = await write_rescue_async(vm, ram_fds, vmstate_fd, opts.rescue_dir)
                 out.rescue = str(path)
                 out.retry = f"luoagent restore --from-rescue {path}"
                 opts.reporter.log(f"{vm.name}: nothing lost: written as a cpr-reboot image to {path}; retry with `{out.retry}`")

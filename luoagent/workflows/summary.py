@@ -6,6 +6,22 @@ from __future__ import annotations
 import sys
 
 
+def ram_figures_text(v: dict) -> str:
+    """The RAM figures of one VM in the words of what QEMU measured (keys as update's result)."""
+    def n(key):
+        return "not reported" if v.get(key) is None else f"{v[key]:,} B"
+
+    block = {True: "no guest RAM block among them (each is larger than that total)",
+             False: "a guest RAM block MAY be among them", None: "QEMU did not report which blocks"}
+    pages = ("QEMU did not report the RAM page bytes it wrote" if v.get("ram_pages_written_bytes") is None
+             else f"QEMU wrote {n('ram_pages_written_bytes')} of RAM pages")
+    return (pages
+            + (f" and {v['zero_pages_written']:,} zero-page markers" if v.get("zero_pages_written") is not None else "")
+            + f", from RAM blocks of {n('ram_blocks_in_stream_bytes')} in all: "
+            + block[v.get("no_guest_ram_block_in_stream")]
+            + f"; so at most {v['guest_ram_bytes_copied_at_most']:,} B of guest RAM went into the stream")
+
+
 def update_summary(result: dict, out=None) -> None:
     """The human text of an update result document (stdout unless ``out``)."""
     out = out if out is not None else sys.stdout
@@ -15,8 +31,8 @@ def update_summary(result: dict, out=None) -> None:
     for v in result["vms"]:
         print(
             f"  VM {v['name']}: RAM {v['ram_bytes'] >> 20} MiB kept in place, vmstate {v['vmstate_bytes']} B "
-            f"({v['vmstate_percent_of_ram']:.3f} % of RAM), guest RAM copied {v['guest_ram_bytes_copied']} B, "
-            f"stop→saved {v['quiesce_seconds'] * 1000:.1f} ms",
+            f"({v['vmstate_percent_of_ram']:.3f} % of RAM), stop→saved {v['quiesce_seconds'] * 1000:.1f} ms; "
+            + ram_figures_text(v),
             file=out,
         )
     out.flush()
@@ -34,7 +50,7 @@ def restore_summary(result: dict, out=None) -> None:
             print(
                 f"  VM {v['name']}: {v['status']} (pid {v['pid']}), blackout {v['blackout_ns'] / 1e9:.3f} s, "
                 f"vmstate {v['vmstate_bytes']} B, RAM {v['ram_bytes'] >> 20} MiB in place, "
-                f"RAM bytes copied {v['ram_bytes_copied']}",
+                f"guest RAM copied at most {v['ram_bytes_copied']} B (RAM page bytes QEMU wrote)",
                 file=out,
             )
             if v.get("blackout_parts"):

@@ -125,6 +125,8 @@ class VmTarget:
     binary: str = ""
     argv: list[str] = field(default_factory=list)
     adopted: bool = False
+    uid: int = 0  # the QEMU's effective uid/gid as the kernel reports them
+    gid: int = 0
 
 
 @dataclass
@@ -147,8 +149,7 @@ class VmWork:
     vmstate_fd: int = -1
     vmstate_size: int = 0
     migrate_info: dict = field(default_factory=dict)
-    guest_ram_bytes_copied: int = 0
-    other_ram_bytes_copied: int = 0
+    ram_figures: cpr.RamFigures = cpr.RamFigures(None, None, None, None)
     qemu_version: str = ""
     quiesce_s: float = 0.0
 
@@ -219,7 +220,10 @@ def update(req: UpdateRequest) -> dict:
     """Run the whole update. Returns the result document (only for --dry-run does it return
     normally after rolling back; a real update ends in kexec). Raises UpdateError after a
     complete rollback, naming the step and the VM."""
-    return asyncio.run(_Update(req).run())
+    if not req.timeout > 0:
+        raise UsageError(f"--timeout {req.timeout:g}: give the seconds each QEMU step may take, more than 0 (default 60)")
+    with vmwf.agent_lock(req.vm_root, "update"):
+        return asyncio.run(_Update(req).run())
 
 
 class _Update:
@@ -246,6 +250,10 @@ class _Update:
             testmode.fault("after-preflight")
             await self._preserve_ram()
             testmode.fault("after-preserve-ram")
+            # flush the page cache while the VMs still run: the sync before the reboot, inside
+            # the blackout, then has (almost) nothing left to write, or is skipped
+            with self.progress.timed("sync", "(VMs keep running)"):
+                await asyncio.to_thread(os.sync)
             await self._quiesce_all()
             testmode.fault("after-quiesce")
             self._preserve_vmstate()
@@ -337,9 +345,16 @@ class _Update:
             if t.pid and t.pid != pid:
                 log.warning("update.pid_mismatch", vm=t.name, recorded=t.pid, actual=pid)
             t.pid = pid
+            # an adopted VM's binary is what the kernel runs (/proc/PID/exe), never its argv[0];
+            # a `vm start` VM's is the one luoagent itself recorded. Either must be root's only.
             binary, argv = qemu_binary.qemu_cmdline(pid)
             t.binary = t.binary or binary
             t.argv = t.argv or argv
+            qemu_binary.check_trusted(t.binary)
+            try:
+                t.uid, t.gid = procfs.identity(pid)  # restore runs it again as exactly this identity
+            except OSError as exc:
+                raise QmpUnreachable(f"QEMU pid {pid} vanished: {exc}") from None
             w.qmp = await qmp_client.Qmp.connect(t.qmp_socket, timeout=min(self.req.timeout, 10))
             w.status_before = await w.qmp.status()
             if w.status_before in ("inmigrate", "postmigrate", "finish-migrate", "shutdown", "internal-error"):
@@ -383,8 +398,8 @@ class _Update:
             for w in self.work:
                 self.progress.note(
                     f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
-                    f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM), guest RAM copied "
-                    f"{w.guest_ram_bytes_copied} B"
+                    f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM); "
+                    + summary.ram_figures_text(self._figures(w))
                 )
 
     async def _quiesce(self, w: VmWork) -> None:
@@ -397,7 +412,6 @@ class _Update:
                 await q.add_fd(wfd, w.fdset_id, opaque=f"luoagent vmstate {w.name}")
             finally:
                 os.close(wfd)
-            blocks = await qemu_ram.ramblocks(q)
             w.was_running = (await q.status()) == "running"
             # mode + capability before stop: they do not disturb a running guest, and the
             # blackout then holds only stop + save
@@ -413,13 +427,7 @@ class _Update:
             w.quiesce_s = time.monotonic() - t0
             w.migrate_info = info
             w.vmstate_size = memfd.size(w.vmstate_fd)
-            ram = info.get("ram", {})
-            backend_ids = {b.id for b in w.backends}
-            other = sum(used for name, used in blocks.items() if name not in backend_ids)
-            # QEMU's ram.total counts every RAM block it migrates; what exceeds the non-guest
-            # blocks (firmware, ROMs) is guest RAM that went into the stream
-            w.guest_ram_bytes_copied = max(0, int(ram.get("total", 0)) - other)
-            w.other_ram_bytes_copied = int(ram.get("normal-bytes", 0))
+            w.ram_figures = cpr.RamFigures.from_query_migrate(info)  # what QEMU measured, nothing inferred
         except LuoAgentError as exc:
             exc.vm = w.name  # type: ignore[attr-defined]
             raise
@@ -458,8 +466,11 @@ class _Update:
                         stopped_at_ns=w.stopped_at_ns,
                         saved_at_ns=w.saved_at_ns,
                         qemu_version=w.qemu_version,
-                        ram_bytes_copied=w.guest_ram_bytes_copied,
+                        ram_bytes_copied=self._figures(w)["guest_ram_bytes_copied_at_most"],
+                        ram_blocks_in_stream_bytes=-1 if w.ram_figures.blocks_bytes is None else w.ram_figures.blocks_bytes,
                         pid=w.target.pid,
+                        uid=w.target.uid,
+                        gid=w.target.gid,
                     )
                     for w in self.work
                 ],
@@ -476,7 +487,7 @@ class _Update:
             # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
             kexec.unload()
             self.kexec_loaded = False
-        if testmode.enabled() and kexec.loaded():
+        if testmode.enabled() and (self.kexec_loaded or kexec.loaded_state() is not False):
             # a test switch must never end in a real kexec: the syscall is made only when it
             # cannot succeed (no image loaded), which is what the refused-reboot tests exercise
             raise UpdateError(
@@ -489,8 +500,13 @@ class _Update:
         else:
             summary.update_summary(result)
         sys.stdout.flush()
-        self.progress.note(f"kexec now (preparation took {time.monotonic() - self.progress.started:.3f} s)")
-        kexec.reboot_kexec()  # sync + reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
+        dirty = kexec.dirty_bytes()
+        self.progress.note(f"kexec now (preparation took {time.monotonic() - self.progress.started:.3f} s; "
+                           + ("nothing dirty since the sync before quiesce, no second sync" if dirty == 0 else
+                              f"{'unknown' if dirty is None else dirty} B dirty since the sync before quiesce: syncing again")
+                           + ")")
+        # sync again only if something became dirty after the first one (or we cannot tell)
+        kexec.reboot_kexec(sync=dirty != 0)  # reboot(LINUX_REBOOT_CMD_KEXEC); returns only by raising
         raise RebootRefused("reboot(LINUX_REBOOT_CMD_KEXEC) returned without rebooting")
 
     # -- ROLLBACK ------------------------------------------------------------------------
@@ -560,6 +576,18 @@ class _Update:
                 w.qmp = None
 
     # -- result --------------------------------------------------------------------------
+    def _figures(self, w: VmWork) -> dict:
+        """RAM figures as measured by QEMU (see cpr.RamFigures) and the bounds that follow."""
+        f = w.ram_figures
+        return {
+            "ram_pages_written_bytes": f.pages_bytes,
+            "zero_pages_written": f.zero_pages,
+            "ram_blocks_in_stream_bytes": f.blocks_bytes,
+            "qemu_stream_bytes": f.qemu_stream_bytes,
+            "guest_ram_bytes_copied_at_most": f.guest_ram_copied_at_most(w.vmstate_size),
+            "no_guest_ram_block_in_stream": f.no_guest_block_migrated([b.size for b in w.backends]),
+        }
+
     def _result(self, status: str) -> dict:
         return {
             "ok": True,
@@ -574,14 +602,16 @@ class _Update:
                 {
                     "name": w.name,
                     "pid": w.target.pid,
+                    "uid": w.target.uid,
+                    "gid": w.target.gid,
+                    "binary": w.target.binary,
                     "session": w.session_name,
                     "was_running": w.was_running,
                     "ram_bytes": w.ram_bytes,
                     "ram_backends": [dataclasses.asdict(b) for b in w.backends],
                     "vmstate_bytes": w.vmstate_size,
                     "vmstate_percent_of_ram": round(100.0 * w.vmstate_size / max(w.ram_bytes, 1), 4),
-                    "guest_ram_bytes_copied": w.guest_ram_bytes_copied,
-                    "firmware_ram_bytes_copied": w.other_ram_bytes_copied,
+                    **self._figures(w),
                     "quiesce_seconds": round(w.quiesce_s, 4),
                     "stopped_at_ns": w.stopped_at_ns,
                 }

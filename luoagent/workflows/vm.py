@@ -6,6 +6,7 @@ reads the records."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from luoagent import log
 from luoagent import manifest as mf
 from luoagent import memfd
 from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
-from luoagent.adapters import procfs
+from luoagent.adapters import private_files, procfs
 from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
@@ -81,13 +82,33 @@ def vm_root(explicit: str | os.PathLike | None = None) -> Path:
 
 def _prepare_dir(path: Path) -> None:
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
-    except PermissionError as exc:
+        private_files.makedirs(path)  # 0700 from creation: it holds the argv and the QMP socket
+    except OSError as exc:
         raise UsageError(
             f"cannot create VM directory {path}: {exc.strerror}; run as root or pass "
             f"--vm-root / --vm-dir (or set ${VM_ROOT_ENV}) to a directory you own"
         ) from exc
+
+
+#: in the VM root: held by `update` and `restore` for their whole run, by `vm start`/`stop`
+#: while they change a VM directory (so no VM is started or stopped under an update)
+LOCK_FILE = ".luoagent.lock"
+
+
+@contextlib.contextmanager
+def agent_lock(root: str | os.PathLike, verb: str):
+    """One run at a time of the verbs that change VMs in this VM root; UsageError at once
+    (naming the holder) if another is running."""
+    path = Path(root) / LOCK_FILE
+    try:
+        with private_files.exclusive_lock(path):
+            yield
+    except private_files.Busy as exc:
+        raise UsageError(
+            f"another luoagent update/restore/vm start|stop is running on VM root {root} (pid {exc.holder or '?'} "
+            f"holds {path}); wait for it to finish, then run `luoagent {verb}` again") from None
+    except PermissionError as exc:
+        raise UsageError(f"cannot lock {path}: {exc.strerror}; run as root or pass --vm-root to a directory you own") from None
 
 
 def record_path(vm_dir: Path) -> Path:
@@ -124,11 +145,9 @@ def _record_from(data: dict, path: Path) -> VmRecord:
 
 
 def write_record(record: VmRecord) -> None:
-    """Write ``record`` as VM_DIR/vm.json (atomically: a temporary file renamed over it)."""
-    sdir = Path(record.vm_dir)
-    tmp = record_path(sdir).with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    os.replace(tmp, record_path(sdir))
+    """Write ``record`` as VM_DIR/vm.json, atomically and 0600 from creation (the argv may carry
+    secrets: -object secret,data=...)."""
+    private_files.write_text(record_path(Path(record.vm_dir)), json.dumps(asdict(record), indent=2) + "\n")
 
 
 def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv: list[str],
@@ -201,15 +220,21 @@ def start_vm(
     root: str | os.PathLike | None = None,
     accel: str = "tcg",
     timeout: float = 30.0,
+    user: str | None = None,
 ) -> VmRecord:
-    """Start a daemonized QEMU whose RAM is a share=on memory-backend-file over a fresh memfd."""
+    """Start a daemonized QEMU whose RAM is a share=on memory-backend-file over a fresh memfd.
+    ``user`` (a user name or UID:GID): QEMU drops to it after opening its files
+    (``-run-with user=``), so a guest that escapes into QEMU is not root."""
     validate_name(name)
+    identity = resolve_user(user) if user else None
     page = os.sysconf("SC_PAGE_SIZE")
     if memory < 2 * 1024 * 1024 or memory % page:
         raise UsageError(f"--memory {memory} B: give at least 2M, a multiple of {page} B (e.g. 512M, 2G)")
     if smp < 1:
         raise UsageError(f"--smp {smp}: need at least one vCPU")
     _reject_conflicting_args(qemu_args)
+    if identity and any(a in ("-runas", "--runas", "-run-with", "--run-with") for a in qemu_args):
+        raise UsageError("QEMU options -runas/-run-with are set by luoagent --user; remove them from QEMU_ARGS")
     binary = qemu_binary.find_qemu(binary)
     version = qemu_binary.qemu_version(binary)
     probe = qemu_binary.probe_cpr(binary)
@@ -220,9 +245,15 @@ def start_vm(
         )
 
     base = vm_root(root)
+    _prepare_dir(base)
+    with agent_lock(base, "vm start"):
+        return _start_locked(name, memory, qemu_args, smp=smp, binary=binary, version=version, probe=probe,
+                             base=base, vm_dir=vm_dir, accel=accel, timeout=timeout, identity=identity, user=user)
+
+
+def _start_locked(name, memory, qemu_args, *, smp, binary, version, probe, base, vm_dir, accel, timeout,
+                  identity, user) -> VmRecord:
     sdir = Path(vm_dir) if vm_dir else base / name
-    if sdir != base / name:
-        _prepare_dir(base)
     _prepare_dir(sdir)
     _refuse_running_duplicate(name, base)
     link = base / name
@@ -234,7 +265,8 @@ def start_vm(
     sock = sdir / "qmp.sock"
     qemu_log = sdir / "qemu.log"
     serial = None if _has_any(qemu_args, "-serial", "-nographic", "-chardev") else sdir / "serial.log"
-    qemu_log.write_bytes(b"")
+    os.close(private_files.open_append(qemu_log))
+    os.truncate(qemu_log, 0)
 
     ram = memfd.create(f"luoagent-vm-{name}", memory)
     try:
@@ -244,6 +276,8 @@ def start_vm(
             argv += qemu_ram.ram_backend_args(RAM_BACKEND_ID, memory, fdset=RAM_FDSET)
         else:
             argv += qemu_ram.ram_backend_args(RAM_BACKEND_ID, memory, fd=ram)
+        if identity:
+            argv += ["-run-with", f"user={identity[0]}:{identity[1]}"]
         if not _has_any(qemu_args, "-display", "-nographic"):
             argv += ["-display", "none"]
         if serial is not None:
@@ -253,6 +287,8 @@ def start_vm(
         logger.info("QEMU started", vm=name, pid=proc.pid, memory=memory)
         try:
             status, backends = qmp_client.run_sync(_check_started(proc, sock, timeout))
+            if identity and procfs.identity(proc.pid) != identity:
+                raise QemuError(f"QEMU runs as uid/gid {procfs.identity(proc.pid)}, not {identity} (--user {user})")
         except (QemuError, VmNotPreservable) as exc:
             qemu_binary.kill_process(proc)
             tail = qemu_binary.log_tail(qemu_log)
@@ -272,6 +308,25 @@ def start_vm(
     write_record(record)
     logger.info("VM running", vm=name, status=status, vm_dir=str(sdir))
     return record
+
+
+def resolve_user(user: str) -> tuple[int, int]:
+    """(uid, gid) of ``--user``: a user name from the password database or ``UID:GID``."""
+    import pwd
+
+    m = re.fullmatch(r"(\d+):(\d+)", user)
+    if m:
+        ids = int(m.group(1)), int(m.group(2))
+    else:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"--user {user!r}: no such user; give an existing user name or UID:GID "
+                             "(e.g. a dedicated 'luoagent-qemu' system user)") from None
+        ids = pw.pw_uid, pw.pw_gid
+    if ids[0] == 0:
+        raise UsageError(f"--user {user!r} is root (uid 0); name an unprivileged user, or leave --user out")
+    return ids
 
 
 def _has_any(args: list[str], *options: str) -> bool:
@@ -328,7 +383,11 @@ def vm_status(record: VmRecord, timeout: float = 3.0) -> str:
 
 
 def describe(record: VmRecord) -> dict:
-    return {"name": record.name, "pid": record.pid, "status": vm_status(record),
+    try:
+        uid = procfs.identity(record.pid)[0] if is_vm_process(record) else None
+    except OSError:
+        uid = None
+    return {"name": record.name, "pid": record.pid, "status": vm_status(record), "uid": uid,
             "memory": record.memory, "smp": record.smp, "qmp_socket": record.qmp_socket,
             "vm_dir": record.vm_dir, "serial_log": record.serial_log,
             "session": record.session_name, "qemu_version": record.qemu_version}
@@ -339,6 +398,11 @@ def stop_vm(name: str, *, root: str | os.PathLike | None = None, force: bool = F
             timeout: float = 15.0) -> dict:
     """Quit VM ``name`` via QMP (SIGKILL with ``force`` if QMP does not answer); remove its state."""
     record = load_record(name, root)
+    with agent_lock(vm_root(root), "vm stop"):
+        return _stop_locked(name, record, root, force, timeout)
+
+
+def _stop_locked(name: str, record: VmRecord, root, force: bool, timeout: float) -> dict:
     how = "already gone"
     if is_vm_process(record):
         try:
@@ -435,9 +499,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--qemu", help="qemu-system-x86_64 to use (default $LUOAGENT_QEMU or PATH)")
     p.add_argument("--vm-dir", help="this VM's own directory (default VM_ROOT/NAME; linked from there)")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg)")
+    p.add_argument("--user", metavar="USER|UID:GID",
+                   help="run QEMU as this user after it opened its files (QEMU -run-with user=); "
+                   "without it QEMU runs as root and `luoagent doctor` says so")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for QMP (default 30)")
     p.add_argument("--json", action="store_true", help="print the VM record as JSON")
-    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--vm-dir DIR] [--json] [-- QEMU_ARGS...]"
+    p.usage = "%(prog)s NAME --memory SIZE [--smp N] [--qemu PATH] [--vm-dir DIR] [--user USER] [--json] [-- QEMU_ARGS...]"
     p.epilog = "QEMU_ARGS: further QEMU options after '--', e.g. -- -machine pc -kernel guest.elf"
 
     p = sub.add_parser("upgrade", help="move a running guest into a new QEMU process, RAM in place",
@@ -465,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
         qemu_args = list(args.qemu_args)
         record = start_vm(args.name, qemu_ram.parse_size(args.memory), qemu_args, smp=args.smp,
                           binary=args.qemu, vm_dir=args.vm_dir, root=args.root,
-                          accel=args.accel, timeout=args.timeout)
+                          accel=args.accel, timeout=args.timeout, user=args.user)
         if args.json:
             print(json.dumps({"ok": True, **asdict(record)}))
         else:

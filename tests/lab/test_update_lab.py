@@ -34,7 +34,8 @@ def test_update_kexecs_and_restore_brings_two_vms_back(run):
 
 @pytest.mark.parametrize("vm", sc.VMS)
 def test_guest_continues_with_ram_in_place(run, vm):
-    for desc in (sc.COUNTER_CONTINUES, sc.COUNTER_RISING, sc.CANARY_OK, sc.VMSTATE_SMALL, sc.RAM_NOT_COPIED):
+    for desc in (sc.COUNTER_CONTINUES, sc.COUNTER_RISING, sc.CANARY_OK, sc.VMSTATE_SMALL, sc.RAM_NOT_COPIED,
+                 sc.SAME_IDENTITY):
         _ok(run, desc.format(vm=vm))
     # the blackout is reported (stop -> running across the kexec)
     assert re.search(rf"guest {vm}: blackout \d+\.\d+ s", run.console), run.tail(60)
