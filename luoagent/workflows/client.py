@@ -52,6 +52,7 @@ def call(op: str, args: dict | None = None, *, sock: Path | None = None, label: 
                 announced = True
                 if on_announce is not None:
                     on_announce(msg.get("result") or {})
+                c.send({"id": 2, "op": "ack"})  # the daemon kexecs once we have it
             elif kind == "result":
                 return msg.get("result") or {}
             elif kind == "error":

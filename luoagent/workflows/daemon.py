@@ -28,6 +28,9 @@ from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
 
+#: seconds a real update waits for a client to acknowledge its result before the kexec
+ANNOUNCE_WAIT = 2.0
+
 def configure(parser) -> None:
     parser.add_argument("--socket", default=None, metavar="PATH",
                         help=f"control socket (default ${journal.RUN_DIR_ENV}/{client.SOCKET_FILE}, "
@@ -79,6 +82,8 @@ class Job:
     result: dict | None = None
     error: dict | None = None
     task: asyncio.Task | None = None
+    #: set when a client acknowledged the announce of a real update (it printed the result)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def emit(self, msg: dict) -> None:
         self.history.append(msg)
@@ -209,6 +214,9 @@ class Daemon:
             job = self._start_update(args)
             ch.send({"type": "accepted", "id": req_id, "job": job.id})
             job.attach(ch, req_id)
+        elif op == "ack":
+            if self.job is not None:
+                self.job.acked.set()
         elif op == "recover":
             self._refuse_if_busy("recover")
             self.phase = "recovering"
@@ -218,7 +226,7 @@ class Daemon:
                 self.phase = "idle"
             ch.send({"type": "result", "id": req_id, "result": out})
         else:
-            raise UsageError(f"unknown daemon operation {op!r} (status, follow, update, recover)")
+            raise UsageError(f"unknown daemon operation {op!r} (status, follow, update, recover, ack)")
 
     def _refuse_if_busy(self, what: str) -> None:
         if self.stopping:
@@ -249,11 +257,19 @@ class Daemon:
         job = Job(id=self._next_id, op="update", args=args)
         self._next_id += 1
         req.progress = _Lines(job)
-        req.announce = lambda result: job.emit({"type": "announce", "result": result})
+        req.announce = lambda result: self._announce(job, result)
         job.runner = updatewf.job(req)
         self.job = job
         job.task = asyncio.ensure_future(self._run_job(job))
         return job
+
+    async def _announce(self, job: Job, result: dict) -> None:
+        """A real update is about to kexec: hand the result to the attached clients and give
+        them up to ANNOUNCE_WAIT seconds to say they have it (op ``ack``)."""
+        job.emit({"type": "announce", "result": result})
+        if job.subscribers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(job.acked.wait(), ANNOUNCE_WAIT)
 
     async def _run_job(self, job: Job) -> None:
         try:

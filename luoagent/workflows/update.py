@@ -145,7 +145,8 @@ class UpdateRequest:
     progress: object = None
     #: the journal file (default: journal.journal_path(), i.e. $LUOAGENT_RUN_DIR/journal.json)
     journal_path: Path | None = None
-    #: called with the result document just before the kexec instead of printing it (daemon)
+    #: awaited with the result document just before the kexec instead of printing it (the
+    #: daemon: it returns once its clients have the result, or after a short timeout)
     announce: object = None
 
 
@@ -341,6 +342,8 @@ class _Update:
                     raise UpdateError("dry-run rollback incomplete", step="dry-run")
                 self.journal.finish()
                 return self._result("dry-run: everything reversible done, then rolled back")
+            if self.req.announce is not None:
+                await self.req.announce(self._result("rebooting into the new kernel"))
             self._reboot()  # returns only by raising
             raise AssertionError("unreachable")  # pragma: no cover
         except BaseException as exc:
@@ -594,7 +597,7 @@ class _Update:
             )
         result = self._result("rebooting into the new kernel")
         if self.req.announce is not None:
-            self.req.announce(result)
+            pass  # announced by run() (the daemon's clients)
         elif self.req.json:
             print(json.dumps(result, indent=1), flush=True)
         else:
