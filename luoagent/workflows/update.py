@@ -417,7 +417,7 @@ class _Update:
         per running VM instead (its own binary), so the doctor's QEMU probe is skipped."""
         if "luo" in self.skip:
             return  # test mode on a host without LUO: those checks cannot pass here
-        failed = [c for c in doctor.gather(with_qemu=False) if not c.ok]
+        failed = [c for c in doctor.gather(with_qemu=False, with_daemon=False) if not c.ok]
         if failed:
             raise UpdateError(
                 "this host cannot do a live update (`luoagent doctor` says the same):\n"
