@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luoagent import __version__, testmode
-from luoagent.adapters import control
+from luoagent.adapters import control, sd_notify
 from luoagent.errors import DaemonError, LuoAgentError, UsageError
 from luoagent.log import get_logger
 from luoagent.report import Progress
@@ -138,16 +138,24 @@ class Daemon:
         server = await control.serve(self.sock, self._serve, allowed_uids={0, os.geteuid()})
         self.phase = "idle"
         self.progress.log(f"luoagent {__version__} daemon (pid {os.getpid()}) serving {self.sock}")
+        self._notify({"READY": 1, "STATUS": f"serving {self.sock}"})  # Type=notify: up only now
         try:
             await self._stop.wait()
         finally:
             server.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.sock)
+        self._notify({"STOPPING": 1, "STATUS": f"stopping ({self.stopping or 'stopped'})"})
         if self.job is not None and self.job.task is not None and not self.job.task.done():
             await asyncio.wait([self.job.task])
         self.progress.log(f"daemon exits ({self.stopping or 'stopped'})")
         return 0
+
+    def _notify(self, fields: dict) -> None:
+        try:
+            sd_notify.notify(fields)
+        except LuoAgentError as exc:  # systemd's bookkeeping must never stop the daemon
+            self.progress.log(f"sd_notify: {exc}")
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name

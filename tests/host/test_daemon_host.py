@@ -56,13 +56,13 @@ class Agent:
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "luoagent", "--test-mode", *args]
 
-    def start_daemon(self, pause: str = "", pause_seconds: str = "") -> subprocess.Popen:
+    def start_daemon(self, pause: str = "", pause_seconds: str = "", **env) -> subprocess.Popen:
         self._logs += 1
         self.daemon_log = self.run_dir.parent / f"daemon-{self._logs}.log"
         out = open(self.daemon_log, "w")
         self.daemon = subprocess.Popen(self.argv("daemon"), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                        env=self.env(LUOAGENT_PAUSE=pause or None,
-                                                    LUOAGENT_PAUSE_SECONDS=pause_seconds or None))
+                                                    LUOAGENT_PAUSE_SECONDS=pause_seconds or None, **env))
         out.close()
         deadline = time.monotonic() + 60
         while "serving" not in self.daemon_log.read_text():
@@ -247,3 +247,24 @@ def test_non_root_client_is_refused_and_the_socket_is_0600():
     finally:
         agent.stop()
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_daemon_tells_systemd_when_it_is_ready_and_stopping(agent, tmp_path):
+    """Type=notify: READY=1 only once the socket serves, STOPPING=1 on SIGTERM (a real
+    datagram socket stands where systemd's would be)."""
+    import socket
+
+    path = tmp_path / "notify"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(30)
+    try:
+        agent.start_daemon(NOTIFY_SOCKET=str(path))
+        ready = s.recv(4096).decode()
+        assert ready.startswith("READY=1\n") and f"serving {agent.run_dir / 'control.sock'}" in ready, ready
+        assert agent.status()["phase"] == "idle"
+        agent.daemon.send_signal(signal.SIGTERM)
+        assert s.recv(4096).decode().startswith("STOPPING=1\n")
+        assert agent.daemon.wait(30) == 0
+    finally:
+        s.close()
