@@ -93,6 +93,8 @@ def run(args) -> int:
         json=args.json,
     )
     result = _via_daemon(req, args)
+    if result is not None and not req.dry_run:
+        return 0  # the daemon announced the result (printed) and kexecs
     if result is None:
         result = update(req)
     if args.json:
@@ -123,8 +125,6 @@ def _via_daemon(req: "UpdateRequest", args) -> dict | None:
         Progress("update").log(f"{exc}: running the update in this process; if it is killed, "
                                "`luoagent recover` undoes what it did")
         return None
-    if not req.dry_run:
-        sys.exit(0)  # announced above; the kexec follows
     return result
 
 
