@@ -58,10 +58,12 @@ def start_daemon(log: Path, pause: str = "", test_mode: bool = False) -> subproc
     proc = subprocess.Popen(_argv("daemon", test_mode=test_mode), stdout=out, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     out.close()
-    deadline = time.monotonic() + 60
+    # generous: under nested TCG on a loaded host a Python start alone has taken over a minute
+    started = time.monotonic()
     while "serving" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"luoagent daemon did not start: {log.read_text(errors='replace')[-1500:]}")
+        if proc.poll() is not None or time.monotonic() > started + 240:
+            raise RuntimeError(f"luoagent daemon did not start (exit status {proc.poll()}, "
+                               f"{time.monotonic() - started:.0f} s): {log.read_text(errors='replace')[-1500:]}")
         time.sleep(0.05)
     return proc
 
