@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("luoagent.workflows.vm", "start, list and stop VMs managed by luoagent"),
     "update": ("luoagent.workflows.update", "checkpoint VMs, preserve them with LUO, kexec"),
     "restore": ("luoagent.workflows.restore", "after kexec: bring preserved VMs back"),
+    "daemon": ("luoagent.workflows.daemon", "run the luoagent daemon (updates run in it; CLI verbs are clients)"),
+    "status": ("luoagent.workflows.status", "what the daemon is doing: phase, VMs, held sessions"),
+    "recover": ("luoagent.workflows.recover", "undo what an interrupted update left behind (its journal)"),
     "trace": ("luoagent.workflows.trace", "trace a program's LUO ioctls (python-ptrace)"),
 }
 

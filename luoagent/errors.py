@@ -36,6 +36,10 @@ Every message says what happened and what to do; the CLI prints ``str(exc)`` and
      │    └── ManifestCorrupt       unparsable or inconsistent manifest
      ├── UpdateError                a live update failed before the point of no return
      ├── UpgradeError               `vm upgrade` could not move a guest to a new QEMU process
+     ├── JournalError               the update journal cannot be written/read, or an unfinished one blocks an update
+     ├── DaemonError                the luoagent daemon: control socket unreachable or refused, protocol mismatch
+     │    ├── DaemonNotRunning      nobody serves the control socket (missing or stale)
+     │    └── PeerRefused           a control-socket client that is not root (SO_PEERCRED, socket mode)
      ├── RestoreError               a VM could not be restored after kexec
      ├── LabError                   the nested test lab
      │    ├── LabBuildError         kernel / rootfs / guest build failed
@@ -216,6 +220,22 @@ class UpgradeError(LuoAgentError):
         super().__init__(message)
         self.step = step
         self.vm = vm
+
+
+class JournalError(LuoAgentError):
+    pass
+
+
+class DaemonError(LuoAgentError):
+    pass
+
+
+class DaemonNotRunning(DaemonError):
+    pass
+
+
+class PeerRefused(DaemonError):
+    pass
 
 
 class RestoreError(LuoAgentError):

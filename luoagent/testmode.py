@@ -9,16 +9,24 @@ after-manifest, reboot; restore's restore-vm[:VM]; `vm upgrade`'s upgrade-start-
 new QEMU gets an option it refuses), upgrade-before-migrate[:VM], upgrade-migrate[:VM] (the
 migration is held before switchover, guest stopped, and the new QEMU is SIGKILLed there),
 upgrade-hold[:VM] (held there up to 30 s, for a signal sent to luoagent midway), upgrade-after-switch[:VM] (the new
-QEMU is SIGKILLed once it holds the whole device state). A bare point fires for every VM."""
+QEMU is SIGKILLed once it holds the whole device state). A bare point fires for every VM.
+Pause points (LUOAGENT_PAUSE=POINT[:VM], for tests that kill the agent there with a real
+signal): after-preflight, preserve-ram[:VM], quiesce-migrating[:VM] (migration in flight),
+after-quiesce, after-manifest; LUOAGENT_PAUSE_SECONDS bounds the wait (default: forever)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from luoagent.errors import LuoAgentError, UpdateError
 
 FAULT_ENV = "LUOAGENT_FAULT"
 SKIP_ENV = "LUOAGENT_TEST_SKIP"
+PAUSE_ENV = "LUOAGENT_PAUSE"
+PAUSE_SECONDS_ENV = "LUOAGENT_PAUSE_SECONDS"
+#: the line a paused run prints on stderr (tests wait for it before sending the signal)
+PAUSED_BANNER = "TEST MODE: paused at"
 #: the CLI flag that turns test mode on (nothing else does)
 FLAG = "--test-mode"
 
@@ -41,7 +49,7 @@ def enabled() -> bool:
 
 def ignored_switches() -> list[str]:
     """Test variables set in the environment of a run that is not in test mode (to warn about)."""
-    return [name for name in (FAULT_ENV, SKIP_ENV) if os.environ.get(name) and not _enabled]
+    return [name for name in (FAULT_ENV, SKIP_ENV, PAUSE_ENV) if os.environ.get(name) and not _enabled]
 
 
 def _listed(name: str) -> set[str]:
@@ -69,3 +77,25 @@ def fault(point: str, vm: str | None = None, error: type[LuoAgentError] = Update
     if error is UpdateError:
         raise UpdateError(message, step=point, vm=vm)
     raise error(message)
+
+
+#: the pause point this process is waiting at ("" when none), for `luoagent status`
+paused_at = ""
+
+
+async def pause(point: str, vm: str | None = None) -> None:
+    """Wait at ``point`` if LUOAGENT_PAUSE names it (test only), so a test can send a real
+    signal to a process that is exactly there. Cancellable (SIGTERM rollback still works)."""
+    global paused_at
+    if not (point in _listed(PAUSE_ENV) or (vm is not None and f"{point}:{vm}" in _listed(PAUSE_ENV))):
+        return
+    from luoagent import report
+
+    where = f"{point}{f':{vm}' if vm else ''}"
+    paused_at = where
+    report.echo("luoagent", f"{PAUSED_BANNER} {where} (pid {os.getpid()})")
+    seconds = float(os.environ.get(PAUSE_SECONDS_ENV) or 0) or 365 * 86400.0
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        paused_at = ""

@@ -144,3 +144,10 @@ def test_doctor_probes_real_qemu_cpr(lab_qemu):
     # QEMU 11.1.3 opens mem-path with plain open(): /dev/fdset/N is refused (docs/facts.md)
     if "QEMU 11.1.3" in checks["qemu"]["detail"]:
         assert "does not accept /dev/fdset/N" in checks["qemu-fdset-mem-backend"]["detail"]
+
+
+def test_doctor_warns_when_no_daemon_runs_and_about_restore_without_fd_store(tmp_path):
+    c = doctor.check_daemon(tmp_path / "control.sock")
+    assert c.ok and c.name == "agent-daemon"  # informational: never the reason an update is refused
+    assert "WARNING: no luoagent daemon serves" in c.detail and "luoagent recover" in c.detail
+    assert "during `luoagent restore` loses the RAM" in c.detail

@@ -26,16 +26,20 @@ async def configure(q: Qmp, timeout: float = 30.0) -> None:
     )
 
 
-async def save(q: Qmp, uri: str, timeout: float = 60.0, *, configured: bool = False) -> dict:
+async def save(q: Qmp, uri: str, timeout: float = 60.0, *, configured: bool = False,
+               on_started=None) -> dict:
     """Checkpoint with mode cpr-reboot + x-ignore-shared to ``uri``; wait until completed.
 
     ``configured``: the caller already ran configure() (before stopping the guest, so
-    the blackout does not pay for it). Returns the final query-migrate answer;
-    MigrationFailed with QEMU's error-desc."""
+    the blackout does not pay for it). ``on_started``: awaited once QEMU accepted the
+    migration, while it is in flight (the caller's journal / test pause point). Returns the
+    final query-migrate answer; MigrationFailed with QEMU's error-desc."""
     started = time.monotonic()
     if not configured:
         await configure(q, timeout)
     await _start_migration(q, "migrate", uri, "save", timeout)
+    if on_started is not None:
+        await on_started()
     info = await _wait_migration(q, uri, "save", started + timeout)
     info["luoagent-elapsed-s"] = time.monotonic() - started
     return info

@@ -210,7 +210,33 @@ def check_qemu(explicit: str | None) -> list[Check]:
     return checks
 
 
-def gather(qemu: str | None = None, *, with_qemu: bool = True) -> list[Check]:
+def check_daemon(sock: Path | None = None) -> Check:
+    """Informational (never fails the verdict): is a luoagent daemon serving, and what a crash
+    of the agent costs here."""
+    from luoagent.adapters import control
+    from luoagent.workflows import client
+
+    sock = sock or client.socket_path()
+    restore_risk = ("without systemd's fd store (not supported yet) a crash of the agent during "
+                    "`luoagent restore` loses the RAM of every VM it had not started yet")
+    try:
+        c = control.Client.connect(sock, timeout=2.0)
+    except errors.DaemonNotRunning:
+        return Check("agent-daemon", True,
+                     f"WARNING: no luoagent daemon serves {sock}: `luoagent update` then runs inside the CLI "
+                     "process (if that is killed, `luoagent recover` undoes it); start `luoagent daemon` so "
+                     f"updates survive their client; {restore_risk}")
+    except errors.LuoAgentError as exc:
+        return Check("agent-daemon", True, f"WARNING: {exc}; {restore_risk}")
+    try:
+        pid = c.hello.get("pid")
+    finally:
+        c.close()
+    return Check("agent-daemon", True, f"luoagent daemon pid {pid} serves {sock}: updates run there and "
+                 f"survive their client; WARNING: {restore_risk}")
+
+
+def gather(qemu: str | None = None, *, with_qemu: bool = True, with_daemon: bool = True) -> list[Check]:
     release = platform.release()
     config, source = read_kernel_config(release)
     device_exists = os.path.exists(DEVICE)
@@ -221,6 +247,8 @@ def gather(qemu: str | None = None, *, with_qemu: bool = True) -> list[Check]:
     checks += check_cmdline(params, config, device_exists)
     checks.append(check_device())
     checks.append(check_privileges(os.geteuid(), effective_caps()))
+    if with_daemon:  # not from inside an update: the daemon would be asking itself
+        checks.append(check_daemon())
     if with_qemu:
         checks += check_qemu(qemu)
     return checks

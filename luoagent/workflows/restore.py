@@ -25,6 +25,7 @@ from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
     ManifestMissing,
+    QmpCommandFailed,
     RestoreError,
     SessionAlreadyRetrieved,
     SessionNotFound,
@@ -112,6 +113,9 @@ class VmOutcome:
     was_running: bool = False
     uid: int = 0
     gid: int = 0
+    #: the guest ran in the new QEMU (cont answered, or it resumed by itself): from here on it
+    #: is never started again, killed or written as a rescue image (its disks moved on)
+    resumed: bool = False
     timings: dict = field(default_factory=dict)
     blackout_parts: dict = field(default_factory=dict)
 
@@ -277,7 +281,14 @@ async def start_incoming(
             await cpr.load(q, f"file:/dev/fdset/{INCOMING_FDSET}", timeout=opts.timeout)
             out.timings["incoming_done_ns"] = time.time_ns()
             if vm.was_running and await q.status() != "running":
-                await q.cont()
+                try:
+                    await q.cont()
+                except QmpCommandFailed:
+                    raise  # QEMU refused: the guest did not run
+                except BaseException:
+                    out.resumed = True  # no answer: it may run; never start it a second time
+                    raise
+            out.resumed = vm.was_running
             out.status = await q.status()
             out.timings["running_ns"] = time.time_ns()
             with contextlib.suppress(LuoAgentError):
@@ -288,7 +299,8 @@ async def start_incoming(
         finally:
             await q.close()
     except BaseException:
-        qemu_binary.kill_process(proc)
+        if not out.resumed:
+            qemu_binary.kill_process(proc)
         raise
     out.timings["restore_started_ns"] = t_start
     out.ok = True
@@ -303,7 +315,15 @@ async def start_incoming(
         "cont": round((out.timings["running_ns"] - out.timings["incoming_done_ns"]) / 1e9, 3),
     }
     # runs `QEMU --version` and writes vm.json: off the event loop, other VMs may still be loading
-    await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path)
+    try:
+        await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path)
+    except (OSError, LuoAgentError) as exc:
+        out.ok = False
+        raise RestoreError(
+            f"VM {vm.name} runs again (pid {proc.pid}) but could not be recorded in {opts.vm_root} "
+            f"({exc}); it is NOT restored again and needs no retry: fix the cause, then manage it "
+            f"through its QMP socket {vm.qmp_socket}"
+        ) from None
 
 
 def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
@@ -409,6 +429,11 @@ def _restore_from_rescue(directory: Path, opts: RestoreOptions) -> dict:
         raise RestoreError(f"rescue image {directory}: cannot open vmstate: {exc.strerror}") from None
     try:
         asyncio.run(start_incoming(vm, [], vfd, ram_files, opts, out))
+    except LuoAgentError as exc:
+        if not out.resumed:
+            raise
+        out.error = str(exc)  # the guest runs from the rescue image: reported, never retried
+        out.retry = f"none: the VM runs (pid {out.pid}); starting it again would run it twice"
     finally:
         os.close(vfd)
     out.ram_bytes_copied = vm.ram_bytes_copied
@@ -502,7 +527,12 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         out.ok = False
         out.error = str(exc) if isinstance(exc, LuoAgentError) else f"{type(exc).__name__}: {exc}"
         opts.reporter.log(f"{vm.name}: FAILED: {out.error}")
-        if ram_fds and vmstate_fd >= 0:
+        if out.resumed:
+            # a guest that ran must never run twice: no rescue image, no retry
+            out.retry = (f"none: the VM runs (pid {out.pid}) on its preserved RAM; starting it again "
+                         "would run it twice on the same disks")
+            opts.reporter.log(f"{vm.name}: {out.retry}")
+        elif ram_fds and vmstate_fd >= 0:
             try:
                 path = await write_rescue_async(vm, ram_fds, vmstate_fd, opts.rescue_dir)
                 out.rescue = str(path)

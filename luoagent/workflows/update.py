@@ -14,7 +14,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
-from luoagent.workflows import doctor, summary
+from luoagent.workflows import doctor, journal, summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -90,12 +92,40 @@ def run(args) -> int:
         timeout=args.timeout,
         json=args.json,
     )
-    result = update(req)
+    result = _via_daemon(req, args)
+    if result is not None and not req.dry_run:
+        return 0  # the daemon announced the result (printed) and kexecs
+    if result is None:
+        result = update(req)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         summary.update_summary(result)
     return 0
+
+
+def _via_daemon(req: "UpdateRequest", args) -> dict | None:
+    """Run the update in the luoagent daemon if one serves the control socket (it then goes
+    on, or rolls back, whatever happens to this process); None when no daemon runs."""
+    from luoagent.errors import DaemonNotRunning
+    from luoagent.workflows import client
+
+    def announce(result: dict) -> None:  # a real update: the result comes just before the kexec
+        if args.json:
+            print(json.dumps(result, indent=1), flush=True)
+        else:
+            summary.update_summary(result)
+
+    request = {"kernel": str(req.kernel.absolute()), "initrd": str(req.initrd.absolute()) if req.initrd else None,
+               "cmdline": req.cmdline, "vms": req.vms, "vm_root": str(req.vm_root.absolute()),
+               "dry_run": req.dry_run, "timeout": req.timeout}
+    try:
+        result = client.call("update", request, label="update", on_announce=announce)
+    except DaemonNotRunning as exc:
+        Progress("update").log(f"{exc}: running the update in this process; if it is killed, "
+                               "`luoagent recover` undoes what it did")
+        return None
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,6 +143,11 @@ class UpdateRequest:
     json: bool = False
     #: progress lines go here (stderr by default; luoagent.report decides human or JSON)
     progress: object = None
+    #: the journal file (default: journal.journal_path(), i.e. $LUOAGENT_RUN_DIR/journal.json)
+    journal_path: Path | None = None
+    #: awaited with the result document just before the kexec instead of printing it (the
+    #: daemon: it returns once its clients have the result, or after a short timeout)
+    announce: object = None
 
 
 @dataclass
@@ -223,7 +258,34 @@ def update(req: UpdateRequest) -> dict:
     if not req.timeout > 0:
         raise UsageError(f"--timeout {req.timeout:g}: give the seconds each QEMU step may take, more than 0 (default 60)")
     with vmwf.agent_lock(req.vm_root, "update"):
-        return asyncio.run(_Update(req).run())
+        return asyncio.run(run_interruptible(_Update(req)))
+
+
+def job(req: UpdateRequest) -> "_Update":
+    """An update to run in the caller's event loop (the daemon): ``await job.run()``;
+    ``job.step``, ``job.work`` and ``job.held_sessions()`` describe it while it runs."""
+    return _Update(req)
+
+
+#: signals that make an update roll back before the point of no return
+ROLLBACK_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def run_interruptible(u: "_Update") -> dict:
+    """Run ``u`` so that SIGTERM/SIGINT/SIGHUP cancel it (it then rolls back, once: a second
+    signal does not interrupt the rollback). Handlers only in the main thread."""
+    task = asyncio.ensure_future(u.run())
+    loop = asyncio.get_running_loop()
+    installed = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in ROLLBACK_SIGNALS:
+            loop.add_signal_handler(sig, u.interrupt, sig, task)
+            installed.append(sig)
+    try:
+        return await task
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 class _Update:
@@ -240,14 +302,35 @@ class _Update:
         self.step = "preflight"
         self.manifest: mf.Manifest | None = None
         self.kernel_release = ""
+        self.journal: journal.Journal | None = None
+        #: name of the signal that interrupted this run ("" if none)
+        self.interrupted = ""
+        self.rolling_back = False
+
+    def interrupt(self, sig: int, task: asyncio.Future) -> None:
+        """A rollback signal arrived: cancel the run once (it then rolls back)."""
+        if self.interrupted or self.rolling_back:
+            return  # never interrupt the rollback itself
+        self.interrupted = signal.Signals(sig).name
+        self.progress.log(f"{self.interrupted} received at step {self.step}: rolling back")
+        task.cancel()
+
+    def held_sessions(self) -> list[str]:
+        """Names of the outgoing LUO sessions this run holds open right now."""
+        names = [w.session_name for w in self.work if w.session is not None]
+        return names + ([mf.MANIFEST_SESSION] if self.manifest_session is not None else [])
 
     # -- driver --------------------------------------------------------------------------
     async def run(self) -> dict:
         if self.skip:
             self.progress.log(f"TEST MODE: skipping {', '.join(sorted(self.skip))} ({testmode.SKIP_ENV})")
+        # before anything is touched: refuses while an earlier update's journal is unfinished
+        self.journal = journal.Journal.begin("update", self.req.journal_path, kernel=str(self.req.kernel),
+                                             dry_run=self.req.dry_run)
         try:
             await self._preflight()
             testmode.fault("after-preflight")
+            await testmode.pause("after-preflight")
             await self._preserve_ram()
             testmode.fault("after-preserve-ram")
             # flush the page cache while the VMs still run: the sync before the reboot, inside
@@ -256,20 +339,32 @@ class _Update:
                 await asyncio.to_thread(os.sync)
             await self._quiesce_all()
             testmode.fault("after-quiesce")
+            await testmode.pause("after-quiesce")
             self._preserve_vmstate()
             self._write_manifest()
             testmode.fault("after-manifest")
+            await testmode.pause("after-manifest")
             if self.req.dry_run:
                 self.step = "dry-run"
-                await self._rollback()
+                if await self._rollback():
+                    raise UpdateError("dry-run rollback incomplete", step="dry-run")
+                self.journal.finish()
                 return self._result("dry-run: everything reversible done, then rolled back")
+            if self.req.announce is not None:
+                await self.req.announce(self._result("rebooting into the new kernel"))
             self._reboot()  # returns only by raising
             raise AssertionError("unreachable")  # pragma: no cover
         except BaseException as exc:
             failing_vm = getattr(exc, "vm", None)
+            self.rolling_back = True
             problems = await self._rollback(quiet=self.step == "preflight" and not self.kexec_loaded)
+            if not problems:
+                self.journal.finish()  # nothing left to undo
             if self.step == "preflight" and not problems and isinstance(exc, LuoAgentError):
                 raise  # nothing was touched: the precise error (bad image, QMP, RAM) is the answer
+            if isinstance(exc, asyncio.CancelledError) and self.interrupted:
+                raise self._update_error(
+                    UpdateError(f"interrupted by {self.interrupted}"), failing_vm, problems) from None
             if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
                 raise
             raise self._update_error(exc, failing_vm, problems) from exc
@@ -279,7 +374,8 @@ class _Update:
         step = getattr(exc, "step", None) or self.step
         where = f"at step {step}" + (f" (VM {vm})" if vm else "")
         if problems:
-            tail = "; ROLLBACK INCOMPLETE: " + "; ".join(problems)
+            tail = ("; ROLLBACK INCOMPLETE: " + "; ".join(problems)
+                    + f"; fix what is named, then run `luoagent recover` (journal {self.journal.path})")
         else:
             stopped = [w.name for w in self.work if w.stop_issued]
             tail = "; rolled back: " + (
@@ -297,7 +393,9 @@ class _Update:
             targets = discover(self.req.vms, self.req.vm_root)
             self.work = [VmWork(target=t, session_name=mf.vm_session_name(t.name)) for t in targets]
             if "luo" not in self.skip:
-                self.lu = LiveUpdate.open()  # LuoUnavailable / LuoBusy say why not
+                # only a check: the device is a singleton (systemd and other tools open it
+                # too), so it is opened again only for the moment sessions are created
+                LiveUpdate.open().close()  # LuoUnavailable / LuoBusy say why not
             # every VM: QMP reachable, RAM preservable; collected so the user sees them all
             results = await asyncio.gather(*(self._inspect(w) for w in self.work), return_exceptions=True)
             failed = [r for r in results if isinstance(r, BaseException)]
@@ -312,6 +410,7 @@ class _Update:
                 raise err
             self.cmdline = self.req.cmdline if self.req.cmdline is not None else kexec.current_cmdline()
             if "kexec-load" not in self.skip:
+                self.journal.record(kexec_loaded=True)
                 kexec.load(self.req.kernel, self.req.initrd, self.cmdline)
                 self.kexec_loaded = True
             for w in self.work:
@@ -326,7 +425,7 @@ class _Update:
         per running VM instead (its own binary), so the doctor's QEMU probe is skipped."""
         if "luo" in self.skip:
             return  # test mode on a host without LUO: those checks cannot pass here
-        failed = [c for c in doctor.gather(with_qemu=False) if not c.ok]
+        failed = [c for c in doctor.gather(with_qemu=False, with_daemon=False) if not c.ok]
         if failed:
             raise UpdateError(
                 "this host cannot do a live update (`luoagent doctor` says the same):\n"
@@ -369,13 +468,16 @@ class _Update:
     # -- PRESERVE_RAM (VMs still running) ------------------------------------------------
     async def _preserve_ram(self) -> None:
         self.step = "preserve-ram"
+        self.journal.record(step=self.step)
         with self.progress.timed("preserve-ram", "(VMs keep running; pages are pinned now)"):
             for w in self.work:
                 try:
                     for b in w.backends:
                         w.ram_fds.append(procfs.steal_fd(w.target.pid, b.qemu_fd))
-                    if self.lu is not None:
-                        w.session = self.lu.create_session(w.session_name)
+                    if "luo" not in self.skip:
+                        self.journal.record_session(w.session_name)
+                        with LiveUpdate.open() as lu:  # open only while creating the session
+                            w.session = lu.create_session(w.session_name)
                         for i, (b, fd) in enumerate(zip(w.backends, w.ram_fds)):
                             t0 = time.monotonic()
                             w.session.preserve(fd, mf.ram_token(i))
@@ -383,10 +485,12 @@ class _Update:
                 except LuoAgentError as exc:
                     exc.vm = w.name  # type: ignore[attr-defined]
                     raise
+                await testmode.pause("preserve-ram", w.name)
 
     # -- QUIESCE (parallel) --------------------------------------------------------------
     async def _quiesce_all(self) -> None:
         self.step = "quiesce"
+        self.journal.record(step=self.step)
         with self.progress.timed("quiesce", f"({len(self.work)} VMs in parallel: stop + cpr-reboot save to memfd)"):
             results = await asyncio.gather(*(self._quiesce(w) for w in self.work), return_exceptions=True)
             for w, r in zip(self.work, results):
@@ -409,20 +513,25 @@ class _Update:
             wfd = memfd.reopen(w.vmstate_fd, os.O_WRONLY)  # the fdset's access mode must be exact
             try:
                 w.fdset_id = await q.free_fdset(VMSTATE_FDSET_BASE)
+                self.journal.record_vm(w.name, qmp_socket=str(w.target.qmp_socket), pid=w.target.pid,
+                                       status_before=w.status_before, fdset_id=w.fdset_id)
                 await q.add_fd(wfd, w.fdset_id, opaque=f"luoagent vmstate {w.name}")
             finally:
                 os.close(wfd)
             w.was_running = (await q.status()) == "running"
             # mode + capability before stop: they do not disturb a running guest, and the
             # blackout then holds only stop + save
+            self.journal.record_vm(w.name, was_running=w.was_running, migrate_configured=True)
             await cpr.configure(q, timeout=self.req.timeout)
             w.migrate_configured = True
+            self.journal.record_vm(w.name, stop_issued=True)  # fsync'd before the guest stops
             t0 = time.monotonic()
             w.stopped_at_ns = time.time_ns()
             w.stop_issued = True
             await q.stop()
             testmode.fault("quiesce", w.name)
-            info = await cpr.save(q, f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout, configured=True)
+            info = await cpr.save(q, f"file:/dev/fdset/{w.fdset_id}", timeout=self.req.timeout, configured=True,
+                                  on_started=lambda: testmode.pause("quiesce-migrating", w.name))
             w.saved_at_ns = time.time_ns()
             w.quiesce_s = time.monotonic() - t0
             w.migrate_info = info
@@ -476,8 +585,11 @@ class _Update:
                 ],
             )
             self.manifest_fd = mf.write_sealed_memfd(self.manifest)
-            if self.lu is not None:
-                self.manifest_session = self.lu.create_session(mf.MANIFEST_SESSION)
+            if "luo" not in self.skip:
+                self.journal.record(step=self.step)
+                self.journal.record_session(mf.MANIFEST_SESSION)
+                with LiveUpdate.open() as lu:  # open only while creating the session
+                    self.manifest_session = lu.create_session(mf.MANIFEST_SESSION)
                 self.manifest_session.preserve(self.manifest_fd, mf.MANIFEST_TOKEN)
 
     # -- REBOOT --------------------------------------------------------------------------
@@ -495,7 +607,9 @@ class _Update:
                 "test runs never kexec", step="reboot",
             )
         result = self._result("rebooting into the new kernel")
-        if self.req.json:
+        if self.req.announce is not None:
+            pass  # announced by run() (the daemon's clients)
+        elif self.req.json:
             print(json.dumps(result, indent=1), flush=True)
         else:
             summary.update_summary(result)

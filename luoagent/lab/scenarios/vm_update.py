@@ -139,9 +139,7 @@ def start_guest(vm: str, seed: int) -> dict:
 async def _ram_fd_of(sock: Path) -> tuple[int, int]:
     """(pid, our fd on its RAM memfd) of the QEMU behind a QMP socket."""
     from luoagent.adapters import procfs, qemu_ram, qmp_client
-    from luoagent.adapters.procfs import peer_pid
-
-    pid = peer_pid(sock)
+    pid = procfs.peer_pid(sock)
     async with await qmp_client.Qmp.connect(sock, timeout=30) as q:
         [backend] = await qemu_ram.inspect_ram(pid, q)
         if backend.qemu_fd is None:  # RAM in a named file (a VM restored from a rescue image)
