@@ -34,6 +34,7 @@ Every message says what happened and what to do; the CLI prints ``str(exc)`` and
      │    ├── ManifestVersionError  unknown major schema version
      │    └── ManifestCorrupt       unparsable or inconsistent manifest
      ├── UpdateError                a live update failed before the point of no return
+     │    └── PreflightRefused      the landing side cannot take the VMs back (nothing was touched)
      ├── RestoreError               a VM could not be restored after kexec
      ├── LabError                   the nested test lab
      │    ├── LabBuildError         kernel / rootfs / guest build failed
@@ -201,6 +202,10 @@ class UpdateError(LuoAgentError):
         super().__init__(message)
         self.step = step
         self.vm = vm
+
+
+class PreflightRefused(UpdateError):
+    """The landing-side preflight refused the update; nothing was stopped or preserved."""
 
 
 class RestoreError(LuoAgentError):

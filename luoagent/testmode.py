@@ -47,7 +47,9 @@ def _listed(name: str) -> set[str]:
 
 
 def skipped() -> set[str]:
-    """Host steps the test tier skips (``luo``, ``kexec-load``); always empty outside test mode."""
+    """Host steps the test tier skips (``luo``, ``kexec-load``, ``other-qemus``: the loss check
+    lists only the VM root, not other people's QEMUs on a shared test machine); always empty
+    outside test mode."""
     return _listed(SKIP_ENV)
 
 

@@ -35,7 +35,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
-from luoagent.workflows import doctor, summary
+from luoagent.workflows import doctor, landing, summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -72,6 +72,18 @@ def configure(parser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per QEMU step (default 60)")
     parser.add_argument(
+        "--allow-loss", action="append", default=[], metavar="NAME",
+        help="accept that this QEMU / VM (name or pid), which is not carried, dies with the kexec (repeatable)",
+    )
+    parser.add_argument(
+        "--running-kernel", metavar="BZIMAGE",
+        help="the running kernel's image, to read its LUO ABI strings (default /boot/vmlinuz-RELEASE)",
+    )
+    parser.add_argument(
+        "--allow-unverified-kernel", action="store_true",
+        help="go ahead when the target's configuration or LUO ABI cannot be read (a known mismatch is still refused)",
+    )
+    parser.add_argument(
         "--json", action="store_true",
         help="print the result as JSON on stdout (a real update prints it just before the kexec; "
         "if the update then fails, the error document follows on its own line)",
@@ -89,6 +101,9 @@ def run(args) -> int:
         dry_run=args.dry_run,
         timeout=args.timeout,
         json=args.json,
+        allow_loss=list(args.allow_loss),
+        running_kernel=Path(args.running_kernel) if args.running_kernel else None,
+        allow_unverified_kernel=args.allow_unverified_kernel,
     )
     result = update(req)
     if args.json:
@@ -111,6 +126,10 @@ class UpdateRequest:
     dry_run: bool = False
     timeout: float = 60.0
     json: bool = False
+    #: landing-side preflight (workflows/landing.py): losses accepted, running image, override
+    allow_loss: list[str] = field(default_factory=list)
+    running_kernel: Path | None = None
+    allow_unverified_kernel: bool = False
     #: progress lines go here (stderr by default; luoagent.report decides human or JSON)
     progress: object = None
 
@@ -303,6 +322,14 @@ class _Update:
                 )
                 raise err
             self.cmdline = self.req.cmdline if self.req.cmdline is not None else kexec.current_cmdline()
+            verdict = await landing.preflight(
+                kernel=self.req.kernel, header_version=self.kernel_release, cmdline=self.cmdline, work=self.work,
+                recorded=[(r.name, int(r.pid or 0)) for r in vmwf.list_records(self.req.vm_root)],
+                running_image=self.req.running_kernel, allow_unverified=self.req.allow_unverified_kernel,
+                allow_loss=self.req.allow_loss, scan_host="other-qemus" not in self.skip,
+            )
+            for note in verdict.notes:
+                self.progress.note(note)
             if "kexec-load" not in self.skip:
                 kexec.load(self.req.kernel, self.req.initrd, self.cmdline)
                 self.kexec_loaded = True
