@@ -83,17 +83,20 @@ def check_kernel(kernel: Path, header_version: str, running_image: Path | None, 
     if is_running_build(header_version, identity):
         # the image is the running build itself: its ABI is the running kernel's by definition,
         # and /proc/config.gz (IKCONFIG_PROC) is that build's own configuration
-        config, source = _running_config(), str(RUNNING_CONFIG)
+        config, source, problem = _running_config(), str(RUNNING_CONFIG), ""
         if config is None:
-            config, source = _image_config(kimage.inspect(kernel), release)
+            target = kimage.inspect(kernel)
+            config, source = _image_config(target, release)
+            problem = target.problem
         verdict.notes.append(f"target {kernel} is the running build ({identity[0]}): same LUO ABI")
     else:
         target = kimage.inspect(kernel)
         config, source = _image_config(target, release)
+        problem = target.problem
         _check_abi(kernel, target, running_image, identity, allow_unverified, verdict)
     if config is None:
         text = (f"cannot read the configuration of {kernel}: no embedded IKCONFIG "
-                f"({kimage.inspect(kernel).problem or 'CONFIG_IKCONFIG not set'}) and no config-{release or 'RELEASE'} "
+                f"({problem or 'CONFIG_IKCONFIG not set'}) and no config-{release or 'RELEASE'} "
                 "or config beside it; put the kernel's .config beside the image as "
                 f"config-{release or 'RELEASE'}{override}")
         if allow_unverified:
@@ -262,10 +265,11 @@ def argv_problems(argv: list[str], ram_ids: list[str], mounts: list[tuple[str, s
             continue
         is_ram = a in ("-object", "--object") and any(f"id={r}" in value for r in ram_ids)
         if not is_ram:
-            for m in _FD_KEY_RE.finditer(value):
-                problems.append(f"`{a} {value}`: {m.group(1)}={m.group(2)} is an fd of this QEMU process; "
-                                "it does not exist after the kexec: name the device by path or ifname instead")
-            if _FD_PATH_RE.search(value):
+            fds = [f"{m.group(1)}={m.group(2)}" for m in _FD_KEY_RE.finditer(value)]
+            if fds:
+                problems.append(f"`{a} {value}`: {', '.join(fds)} name fds of this QEMU process; they do "
+                                "not exist after the kexec: name the device by path or ifname instead")
+            elif _FD_PATH_RE.search(value):
                 problems.append(f"`{a} {value}`: names an fd of this QEMU process ({_FD_PATH_RE.search(value).group(0)}); "
                                 "it does not exist after the kexec")
         paths: list[tuple[str, bool]] = []  # (path, read back by the new QEMU)
@@ -367,7 +371,7 @@ def host_qemus(proc: Path = Path("/proc")) -> list[tuple[int, str]]:
         except OSError:
             continue
         args = [p.decode(errors="replace") for p in parts if p]
-        for k, p in enumerate(args[:3]):  # the binary, or behind a dynamic loader
+        for k, p in enumerate(args[:6]):  # the binary, or behind a dynamic loader and its options
             if re.search(r"(^|/)qemu-system-[\w]+$", p):
                 out.append((int(entry.name), _qemu_name(args[k + 1:])))
                 break
