@@ -5,7 +5,8 @@ Without --test-mode the variables are ignored (a warning says so), so a stray en
 inject faults into a real host. In test mode `update` never kexecs: it makes the reboot syscall
 only when no kexec image is loaded, so the syscall must fail (docs/architecture.md).
 Fault points: update's after-preflight, after-preserve-ram, quiesce[:VM], after-quiesce,
-after-manifest, reboot; restore's restore-vm[:VM]. A bare point fires for every VM."""
+after-manifest, reboot; restore's restore-vm[:VM] and corrupt-ram-sample[:VM] (flips a byte of a
+sampled RAM page of the retrieved memfd before the sample check). A bare point fires for every VM."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def test_round_trip_keeps_every_field():
 def test_schema_is_the_first_key():
     text = make_manifest("a").to_json().decode()
     assert next(iter(json.loads(text))) == "schema"
-    assert text.lstrip("{ \n").startswith('"schema": "1.0"')
+    assert text.lstrip("{ \n").startswith(f'"schema": "{mf.SCHEMA_VERSION[0]}.{mf.SCHEMA_VERSION[1]}"')
 
 
 def test_newer_minor_is_accepted_and_unknown_fields_ignored():

@@ -35,7 +35,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
-from luoagent.workflows import doctor, landing, summary
+from luoagent.workflows import doctor, landing, ram_sample, summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -170,6 +170,9 @@ class VmWork:
     other_ram_bytes_copied: int = 0
     qemu_version: str = ""
     quiesce_s: float = 0.0
+    #: per RAM backend, the page sample hashed after stop (workflows/ram_sample.py)
+    samples: list = field(default_factory=list)
+    sample_s: float = 0.0
 
     @property
     def name(self) -> str:
@@ -411,7 +414,8 @@ class _Update:
                 self.progress.note(
                     f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
                     f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM), guest RAM copied "
-                    f"{w.guest_ram_bytes_copied} B"
+                    f"{w.guest_ram_bytes_copied} B; RAM sample hashed in {w.sample_s * 1000:.1f} ms "
+                    f"({ram_sample.ms_per_gib(w.sample_s, w.ram_bytes):.1f} ms/GiB)"
                 )
 
     async def _quiesce(self, w: VmWork) -> None:
@@ -440,6 +444,11 @@ class _Update:
             w.quiesce_s = time.monotonic() - t0
             w.migrate_info = info
             w.vmstate_size = memfd.size(w.vmstate_fd)
+            # stopped and saved: guest RAM no longer changes until restore verifies this sample
+            for b, fd in zip(w.backends, w.ram_fds):
+                record, seconds = ram_sample.take(fd, b.size)
+                w.samples.append(record)
+                w.sample_s += seconds
             ram = info.get("ram", {})
             backend_ids = {b.id for b in w.backends}
             other = sum(used for name, used in blocks.items() if name not in backend_ids)
@@ -479,7 +488,9 @@ class _Update:
                         binary=w.target.binary,
                         argv=list(w.target.argv),
                         qmp_socket=str(w.target.qmp_socket),
-                        ram=[mf.RamRecord(id=b.id, size=b.size, token=mf.ram_token(i)) for i, b in enumerate(w.backends)],
+                        ram=[mf.RamRecord(id=b.id, size=b.size, token=mf.ram_token(i),
+                                          sample=w.samples[i] if i < len(w.samples) else None)
+                             for i, b in enumerate(w.backends)],
                         vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=w.vmstate_size),
                         was_running=w.was_running,
                         stopped_at_ns=w.stopped_at_ns,
@@ -610,6 +621,7 @@ class _Update:
                     "guest_ram_bytes_copied": w.guest_ram_bytes_copied,
                     "firmware_ram_bytes_copied": w.other_ram_bytes_copied,
                     "quiesce_seconds": round(w.quiesce_s, 4),
+                    "ram_sample_ms_per_gib": round(ram_sample.ms_per_gib(w.sample_s, w.ram_bytes), 3),
                     "stopped_at_ns": w.stopped_at_ns,
                 }
                 for w in self.work

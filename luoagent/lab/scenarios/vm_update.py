@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from luoagent import manifest as mf
 from luoagent import testmode
 from luoagent.lab.scenarios._common import agent_env
 
@@ -367,7 +368,7 @@ def _stop_guests() -> None:
 
 def stage_unknown_version(ctx) -> None:
     r = luoagent("restore")
-    ctx.check(r.returncode != 0 and "99.0" in r.stderr and "1.0" in r.stderr and "Traceback" not in r.stderr,
+    ctx.check(r.returncode != 0 and "99.0" in r.stderr and f"{mf.SCHEMA_VERSION[0]}.x" in r.stderr and "Traceback" not in r.stderr,
               VERSION_ERROR, r.stderr[-1500:])
     ctx.diag("restore: " + r.stderr.strip()[-400:])
 
