@@ -168,7 +168,8 @@ MOUNTS = [("/run", "tmpfs"), ("/dev/shm", "tmpfs"), ("/", "ext4")]
 def test_clean_argv_has_no_problems():
     argv = ["-machine", "pc", "-kernel", "/lab/guest.elf", "-serial", "file:/run/x/serial.log",
             "-pidfile", "/run/x/pid", "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-            "-drive", "file=/var/lib/vm/disk.img,if=virtio,format=raw", *RAM_OBJ]
+            "-drive", "file=/var/lib/vm/disk.img,if=virtio,format=raw",
+            "-drive", "file=nbd://storage:10809/vm0,if=virtio", *RAM_OBJ]
     assert landing.argv_problems(argv, ["ram0"], MOUNTS) == []
 
 

@@ -214,6 +214,7 @@ _PATH_OPTS = {"-kernel", "-initrd", "-bios", "-dtb", "-pflash", "-L", "-hda", "-
 _PATH_KEYS = {"file", "filename", "path", "mem-path", "script", "downscript"}
 _FD_KEY_RE = re.compile(r"(?:^|,)((?:vhost)?fds?|vhostfds?)=([^,]+)")
 _FD_PATH_RE = re.compile(r"/(?:proc/self/fd|dev/fd|dev/fdset)/\d+")
+_URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*:(?!/*$)")
 
 
 def _mounts() -> list[tuple[str, str]]:
@@ -284,6 +285,8 @@ def argv_problems(argv: list[str], ram_ids: list[str], mounts: list[tuple[str, s
                 if key in _PATH_KEYS and val and not val.startswith("/proc/self/fd/") and val not in ("no", ""):
                     paths.append((val, a.lstrip("-") in ("drive", "blockdev", "fsdev", "virtfs")))
         for path, is_input in paths:
+            if _URL_RE.match(path):
+                continue  # a network or protocol source (nbd:, rbd:, iscsi://...), not a local file
             if not path.startswith("/"):
                 problems.append(f"`{a} {value}`: relative path {path!r}; restore starts QEMU in another "
                                 "directory: give an absolute path")
