@@ -220,3 +220,71 @@ def test_not_enough_memory_to_fill_the_ram_holes_is_refused(lab_qemu, guest_elf,
     finally:
         qemu_binary.kill_process(proc)
         os.close(fd)
+
+
+# ---- the pinned machine type loads the checkpoint -------------------------------------------
+def test_pinned_machine_type_loads_a_checkpoint_taken_under_its_alias(vms, lab_qemu, tmp_path):
+    """What restore will run: the argv recorded with `-machine pc` pinned to the type QEMU
+    resolved, rewritten by restore's own rewrite, loads a cpr-reboot checkpoint of a guest
+    started as `pc`, and the guest continues (counter rising, canary intact)."""
+    from test_update_rollback_host import _qemu_state  # noqa: F401
+
+    from luoagent.adapters import cpr, qmp_client
+
+    a = vms("a")
+    seed = 0x1A4D
+    memfd.write_pattern(a.ram_fd, guest.CANARY_OFFSET, guest.CANARY_SIZE, seed)
+    _binary, argv = qemu_binary.qemu_cmdline(a.proc.pid)
+    vmstate = memfd.create("luoagent-test-vmstate")
+
+    async def checkpoint():
+        async with await qmp_client.Qmp.connect(a.sock, timeout=30, process=a.proc) as q:
+            resolved = await landing.resolved_machine(q)
+            w = memfd.reopen(vmstate, os.O_WRONLY)
+            try:
+                await q.add_fd(w, 9)
+            finally:
+                os.close(w)
+            await q.stop()
+            await cpr.save(q, "file:/dev/fdset/9")
+            await q.quit()
+        return resolved
+
+    resolved = asyncio.run(checkpoint())
+    a.proc.wait(10)
+    at_stop = guest.read_state(a.ram_fd).counter
+    assert resolved.startswith("pc-i440fx-") and resolved != "pc", resolved
+    pinned, before = landing.pin_machine(argv, resolved)
+    assert before == "pc" and landing.machine_type(pinned)[2] == resolved
+    new_argv = qemu_ram.restore_argv([x for x in pinned if not x.startswith("unix:")],
+                                     {"ram0": f"/proc/self/fd/{a.ram_fd}"})
+    # drop the old -qmp (its socket path is reused below)
+    i = new_argv.index("-qmp")
+    del new_argv[i:i + 1]
+    sock = tmp_path / "new.sock"
+    proc = qemu_binary.launch(lab_qemu, new_argv, pass_fds=[a.ram_fd], qmp_socket=sock, log=tmp_path / "new.log")
+
+    async def load():
+        async with await qmp_client.Qmp.connect(sock, timeout=30, process=proc) as q:
+            r = memfd.reopen(vmstate, os.O_RDONLY)
+            try:
+                await q.add_fd(r, 10)
+            finally:
+                os.close(r)
+            await cpr.load(q, "file:/dev/fdset/10")
+            if await q.status() != "running":
+                await q.cont()
+            machine = await landing.resolved_machine(q)
+            return await q.status(), machine
+
+    try:
+        status, machine = asyncio.run(load())
+        assert status == "running" and machine == resolved, (status, machine)
+        c1 = guest.read_state(a.ram_fd).counter
+        time.sleep(0.5)
+        c2 = guest.read_state(a.ram_fd).counter
+        assert at_stop <= c1 < c2, (at_stop, c1, c2)
+        assert memfd.verify_pattern(a.ram_fd, guest.CANARY_OFFSET, guest.CANARY_SIZE, seed)
+    finally:
+        qemu_binary.kill_process(proc)
+        os.close(vmstate)
