@@ -62,8 +62,13 @@ def agent(*args: str, fault: str = "", out: Path | None = None, timeout: float =
     argv = [sys.executable, "-m", "luoagent", *mode, *args]
     if out is None:
         return subprocess.run(argv, text=True, env=env, timeout=timeout, capture_output=True)
-    with open(out.with_suffix(".json"), "w") as o, open(out.with_suffix(".err"), "w") as e:
+    with open(_file(out, ".json"), "w") as o, open(_file(out, ".err"), "w") as e:
         return subprocess.run(argv, text=True, env=env, timeout=timeout, stdout=o, stderr=e)
+
+
+def _file(out: Path, ext: str) -> Path:
+    """``out`` + ``ext`` (names like update-7.2-7.3 have dots that are not suffixes)."""
+    return out.parent / (out.name + ext)
 
 
 def _vm_args(vms) -> list[str]:
@@ -125,13 +130,13 @@ def _update(ctx, vms, kernel: Path, running: Path, frm: str, to: str) -> None:
     r = agent("update", "--kernel", str(kernel), "--running-kernel", str(running), "--reuse-cmdline",
               *_vm_args(vms), "--json", out=out)
     ctx.not_ok(CROSSED.format(frm=frm, to=to), f"luoagent update returned {r.returncode}:\n"
-               + out.with_suffix(".err").read_text(errors="replace")[-3000:])
+               + _file(out, ".err").read_text(errors="replace")[-3000:])
     raise RuntimeError("luoagent update did not kexec")
 
 
 def _after_update(ctx, frm: str, to: str) -> str:
     st = ctx.state[KEY]
-    err = (OUT_DIR / f"update-{frm}-{to}.err").read_text(errors="replace")
+    err = _file(OUT_DIR / f"update-{frm}-{to}", ".err").read_text(errors="replace")
     for line in err.splitlines():
         ctx.diag(f"update {frm}->{to}: {line}")
     ctx.check(ctx.boot_id != st["boot_id"], CROSSED.format(frm=frm, to=to), f"boot id still {ctx.boot_id}")
@@ -198,11 +203,11 @@ def stage_restore_and_downgrade(ctx) -> None:
     st["releases"].append(os.uname().release)
     out = OUT_DIR / "restore-7.3"
     r = agent("restore", "--json", fault="corrupt-ram-sample:b", out=out)
-    text = out.with_suffix(".err").read_text(errors="replace")
+    text = _file(out, ".err").read_text(errors="replace")
     for line in text.splitlines():
         ctx.diag("restore on 7.3: " + line)
     try:
-        doc = json.loads(out.with_suffix(".json").read_text())
+        doc = json.loads(_file(out, ".json").read_text())
     except ValueError:
         doc = {"vms": []}
     _check_restored(ctx, "a", "7.3", doc)
@@ -223,10 +228,10 @@ def stage_restore_after_downgrade(ctx) -> None:
     st["releases"].append(os.uname().release)
     out = OUT_DIR / "restore-7.2"
     r = agent("restore", "--json", out=out)
-    for line in out.with_suffix(".err").read_text(errors="replace").splitlines():
+    for line in _file(out, ".err").read_text(errors="replace").splitlines():
         ctx.diag("restore on 7.2: " + line)
     try:
-        doc = json.loads(out.with_suffix(".json").read_text())
+        doc = json.loads(_file(out, ".json").read_text())
     except ValueError:
         doc = {"vms": []}
     if r.returncode != 0:

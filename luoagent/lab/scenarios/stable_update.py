@@ -43,10 +43,10 @@ def stage_restore(ctx) -> None:
     st["releases"].append(os.uname().release)
     out = kc.OUT_DIR / f"restore-{TO}"
     r = kc.agent("restore", "--json", out=out)
-    for line in out.with_suffix(".err").read_text(errors="replace").splitlines():
+    for line in kc._file(out, ".err").read_text(errors="replace").splitlines():
         ctx.diag(f"restore on {TO}: " + line)
     try:
-        doc = json.loads(out.with_suffix(".json").read_text())
+        doc = json.loads(kc._file(out, ".json").read_text())
     except ValueError:
         doc = {"vms": []}
     if r.returncode != 0:
