@@ -1,4 +1,9 @@
-"""Lab scenario linux-guest: a Linux guest with a virtio-blk disk and a virtio-net NIC on a tap on
+"""EXPERIMENTAL, NOT YET PASSING: under nested TCG on this 2-core machine (load ~9) the guest
+kernel had not reached its init after 480 s (it was in ACPI/PCI set-up), so no lab test runs
+this scenario yet; the bridge/tap set-up and QEMU's attach to tap0 did work in the lab VM, and
+the init's workload works under one level of TCG. Next: a far smaller guest kernel.
+
+Lab scenario linux-guest: a Linux guest with a virtio-blk disk and a virtio-net NIC on a tap on
 a bridge, carried through `luoagent update` (real kexec) and `luoagent restore`.
 
 The guest (the lab's own kernel + a static C init, luoagent/lab/linux_guest.py) keeps rewriting a
@@ -25,10 +30,11 @@ from luoagent.lab import linux_guest as lg
 from luoagent.lab.scenarios import kernel_change as kc
 
 NAME = "linux-guest"
-DESCRIPTION = "Linux guest with virtio-blk + virtio-net on a tap/bridge across update/restore: disk, net, memory"
+DESCRIPTION = ("EXPERIMENTAL (guest boot too slow under nested TCG): Linux guest with virtio-blk + virtio-net "
+               "on a tap/bridge across update/restore")
 MEMORY = "1G"
 SLOW = True
-TIMEOUT = 600.0
+TIMEOUT = 700.0
 
 VM = "lg"
 VM_RAM = 128 * 1024 * 1024
@@ -146,7 +152,7 @@ def _argv(ram_fd: int) -> list[str]:
 
     return ["-machine", "pc", "-accel", "tcg", "-m", str(VM_RAM >> 20), "-nodefaults", "-display", "none",
             "-kernel", "/lab/bzImage", "-initrd", "/lab/linux-guest/initramfs.cpio",
-            "-append", "console=ttyS0 panic=-1 quiet",
+            "-append", "console=ttyS0 panic=-1",
             "-drive", f"file={DISK},if=virtio,format=raw",
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:4c:55:4f",
@@ -181,10 +187,12 @@ def stage_start_and_update(ctx) -> None:
     asyncio.run(qmp_up())
     t0 = time.monotonic()
     try:
-        before = wait_guest(360, want_ack=20)
+        before = wait_guest(480, want_ack=20)
     except RuntimeError as exc:
-        serial = (RUN_ROOT / VM / "serial.log").read_text(errors="replace")[-1500:]
-        ctx.not_ok(GUEST_UP, f"{exc}; serial: {serial}")
+        serial = (RUN_ROOT / VM / "serial.log").read_text(errors="replace")[-2500:]
+        qlog = (RUN_ROOT / VM / "qemu.log").read_text(errors="replace")[-1000:]
+        alive = os.path.exists(f"/proc/{proc.pid}")
+        ctx.not_ok(GUEST_UP, f"{exc}; QEMU alive: {alive}; qemu.log: {qlog}; serial: {serial}")
         raise
     ctx.ok(GUEST_UP)
     ctx.diag(f"Linux guest up after {time.monotonic() - t0:.0f} s: {before}")
