@@ -134,7 +134,7 @@ def start_guest(vm: str, seed: int) -> dict:
 async def _ram_fd_of(sock: Path) -> tuple[int, int]:
     """(pid, our fd on its RAM memfd) of the QEMU behind a QMP socket."""
     from luoagent.adapters import procfs, qemu_ram, qmp_client
-    from luoagent.workflows.update import peer_pid
+    from luoagent.adapters.procfs import peer_pid
 
     pid = peer_pid(sock)
     async with await qmp_client.Qmp.connect(sock, timeout=30) as q:
