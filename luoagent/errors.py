@@ -35,6 +35,7 @@ Every message says what happened and what to do; the CLI prints ``str(exc)`` and
      │    ├── ManifestVersionError  unknown major schema version
      │    └── ManifestCorrupt       unparsable or inconsistent manifest
      ├── UpdateError                a live update failed before the point of no return
+     │    └── PreflightRefused      the landing side cannot take the VMs back (nothing was touched)
      ├── UpgradeError               `vm upgrade` could not move a guest to a new QEMU process
      ├── JournalError               the update journal cannot be written/read, or an unfinished one blocks an update
      ├── DaemonError                the luoagent daemon: control socket unreachable or refused, protocol mismatch
@@ -236,6 +237,10 @@ class DaemonNotRunning(DaemonError):
 
 class PeerRefused(DaemonError):
     pass
+
+
+class PreflightRefused(UpdateError):
+    """The landing-side preflight refused the update; nothing was stopped or preserved."""
 
 
 class RestoreError(LuoAgentError):

@@ -14,7 +14,7 @@ from luoagent.errors import InvalidName, ManifestCorrupt, ManifestVersionError
 
 #: (major, minor). A reader accepts any minor of its major (new fields are optional and ignored);
 #: a different major means the layout changed incompatibly and restore must refuse.
-SCHEMA_VERSION = (1, 1)  # 1.1: the QEMU's uid/gid, ram_blocks_in_stream_bytes
+SCHEMA_VERSION = (1, 1)  # 1.1: the QEMU's uid/gid, ram_blocks_in_stream_bytes, RAM page samples
 
 #: well-known session that carries the manifest across kexec, and the manifest's token in it
 MANIFEST_SESSION = "luoagent"
@@ -70,6 +70,9 @@ class RamRecord:
     id: str
     size: int
     token: int
+    #: schema 1.1, optional: pages hashed after the VM stopped (workflows/ram_sample.py):
+    #: {"page_size", "offsets": [bytes], "sha256"}; restore checks it before starting QEMU
+    sample: dict | None = None
 
 
 @dataclass
@@ -169,7 +172,8 @@ class Manifest:
                         argv=_str_list(v, "argv"),
                         qmp_socket=_typed(v, "qmp_socket", str),
                         ram=[
-                            RamRecord(id=_typed(r, "id", str), size=_typed(r, "size", int), token=_typed(r, "token", int))
+                            RamRecord(id=_typed(r, "id", str), size=_typed(r, "size", int), token=_typed(r, "token", int),
+                                      sample=_sample(r))
                             for r in v["ram"]
                         ],
                         vmstate=VmstateRecord(
@@ -293,6 +297,20 @@ def _typed(d: object, key: str, typ: type):
         raise TypeError(f"{key!r} must be an integer, got {value!r}")
     if not isinstance(value, typ):
         raise TypeError(f"{key!r} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _sample(r: dict) -> dict | None:
+    """A RAM record's optional page sample (schema 1.1), strictly typed."""
+    value = r.get("sample")
+    if value is None:
+        return None
+    offs = _typed(value, "offsets", list)
+    if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs):
+        raise TypeError("'sample.offsets' must be a list of non-negative integers")
+    _typed(value, "page_size", int)
+    if not re.fullmatch(r"[0-9a-f]{64}", _typed(value, "sha256", str)):
+        raise TypeError("'sample.sha256' must be 64 hex digits")
     return value
 
 

@@ -5,7 +5,8 @@ Without --test-mode the variables are ignored (a warning says so), so a stray en
 inject faults into a real host. In test mode `update` never kexecs: it makes the reboot syscall
 only when no kexec image is loaded, so the syscall must fail (docs/architecture.md).
 Fault points: update's after-preflight, after-preserve-ram, quiesce[:VM], after-quiesce,
-after-manifest, reboot; restore's restore-vm[:VM]; `vm upgrade`'s upgrade-start-new[:VM] (the
+after-manifest, reboot; restore's restore-vm[:VM] and corrupt-ram-sample[:VM] (flips a byte of a
+sampled RAM page of the retrieved memfd before the sample check); `vm upgrade`'s upgrade-start-new[:VM] (the
 new QEMU gets an option it refuses), upgrade-before-migrate[:VM], upgrade-migrate[:VM] (the
 migration is held before switchover, guest stopped, and the new QEMU is SIGKILLed there),
 upgrade-hold[:VM] (held there up to 30 s, for a signal sent to luoagent midway), upgrade-after-switch[:VM] (the new
@@ -59,7 +60,9 @@ def _listed(name: str) -> set[str]:
 
 
 def skipped() -> set[str]:
-    """Host steps the test tier skips (``luo``, ``kexec-load``); always empty outside test mode."""
+    """Host steps the test tier skips (``luo``, ``kexec-load``, ``other-qemus``: the loss check
+    lists only the VM root, not other people's QEMUs on a shared test machine); always empty
+    outside test mode."""
     return _listed(SKIP_ENV)
 
 

@@ -429,3 +429,15 @@ def test_artifact_lock_reports_waiting_when_held_elsewhere(tmp_cache):
     with art.lock(on_wait=lambda: waited.append(False)):
         pass  # uncontended: no wait reported
     assert waited == [True]
+
+
+@pytest.mark.parametrize("version, expected", [("7.2", ("7.2", None)), ("7.3", ("7.3", None)),
+                                               ("7.2.12", ("7.2", "7.2.12"))])
+def test_kernel_version_is_a_series_or_an_exact_release_of_one(version, expected):
+    assert kernel.split_version(version) == expected
+
+
+@pytest.mark.parametrize("bad", ["7.4", "7.4.1", "7", "7.2.x", "latest"])
+def test_unknown_kernel_version_is_refused_with_the_choices(bad):
+    with pytest.raises(LabBuildError, match=r"choose a series \(7\.2, 7\.3\) or an exact release"):
+        kernel.split_version(bad)

@@ -233,3 +233,28 @@ def test_test_mode_never_makes_a_kexec_that_could_succeed(monkeypatch):
     run.kexec_loaded = True
     with pytest.raises(UpdateError, match="test mode.*refusing to reboot"):
         run._reboot()
+
+
+def test_demo_release_story_reads_kernel_change_diag_lines():
+    from luoagent.lab import demo
+
+    lines = [
+        "update 7.2->7.3: [update] preflight done in 21.500 s",
+        "update 7.2->7.3: [update]   LUO ABI identical: luo-v5, memfd-v2, kho-v4",
+        "update 7.2->7.3: [update]   a: stop→saved 40.1 ms, vmstate 316302 B (0.471 % of RAM), guest RAM copied 0 B; "
+        "RAM sample hashed in 2.1 ms (33.6 ms/GiB)",
+        "update 7.2->7.3: [update] quiesce done in 0.461 s",
+        "guest a on 7.3.4: counter 100 -> 200 -> 300, blackout 11.200 s",
+        "restore on 7.3: [restore] b: FAILED: RAM backend ram0: the sampled pages do not match",
+        "releases crossed: 7.2.13 -> 7.3.4 -> 7.2.13",
+    ]
+    story = demo.summarize_releases(lines)
+    assert story["releases"] == ["7.2.13", "7.3.4", "7.2.13"]
+    hop = story["hops"]["7.2->7.3"]
+    assert hop["phases"] == [("preflight", 21.5), ("quiesce", 0.461)] and hop["sample"] == {"a": 33.6}
+    assert hop["abi"] == "luo-v5, memfd-v2, kho-v4"
+    assert story["guests"] == [{"vm": "a", "release": "7.3.4", "before": 100, "after": 200, "later": 300,
+                                "blackout_s": 11.2}]
+    text = demo.render_releases(story, True, 200.0)
+    assert "kernel releases 7.2.13 -> 7.3.4 -> 7.2.13" in text and "guest a on 7.3.4" in text
+    assert "sampled pages do not match" in text and "33.6 ms/GiB" in text and "PASS" in text

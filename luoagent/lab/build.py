@@ -207,6 +207,8 @@ class Lab:
             extras["guest"] = self.guest.parent if self.guest.is_file() else self.guest
         if self.selftests is not None and any(i.kind == "selftest" for i in group):
             extras["selftests"] = self.selftests
+        if any(i.name == "linux-guest" for i in group):
+            extras["linux-guest"] = _build_linux_guest()
         return extras
 
     def shell(self, memory: str = "1G") -> int:
@@ -291,6 +293,19 @@ def _build_guest(progress: Progress) -> Path:
             out = guest.build_guest(tmp)
             name = Path(out).name
     return art / name
+
+
+def _build_linux_guest() -> Path:
+    """The Linux guest's initramfs (static C init), cached by its sources and the compiler."""
+    from luoagent.lab import linux_guest
+
+    art = cache.Artifact("linux-guest", cache.inputs_hash(Path(linux_guest.__file__), linux_guest.SOURCE,
+                                                         kernel_mod.compiler_identity()))
+    with art.lock():
+        if not (art.path / "initramfs.cpio").is_file():
+            with art.build(replace=True) as tmp:
+                linux_guest.build(tmp)
+    return art.path
 
 
 def _build_selftests(bz: Path, progress: Progress) -> Path | None:

@@ -175,6 +175,13 @@ class AptContext:
             return None
         return m.group(1)
 
+    def versions(self, name: str) -> list[str]:
+        """Every version of ``name`` in the private lists, newest first (apt-cache madison)."""
+        self.update()
+        proc = self.run("apt-cache", "madison", name, check=False)
+        return [parts[1].strip() for parts in (line.split("|") for line in proc.stdout.splitlines())
+                if len(parts) >= 3 and parts[0].strip() == name]
+
     def print_uris(self, names: list[str]) -> list[tuple[str, str, int]]:
         """(uri, filename, size) for each package spec (``name``, ``name=ver``, ``name/suite``).
 

@@ -1,5 +1,6 @@
-"""`luoagent lab demo`: build the lab if needed, run the vm-update scenario in it and tell the story:
-two guests keep counting while the lab's kernel is live-updated under them.
+"""`luoagent lab demo`: build the lab if needed, run the kernel-change scenario in it and tell the
+story: guests keep counting while the lab's kernel is replaced by another release and back
+(7.2 -> 7.3 -> 7.2); `--scenario vm-update` tells the same-kernel story with its rollbacks.
 
 The scenario does the work inside the lab VM (vm start, luoagent update → kexec, luoagent restore,
 rollbacks); this module echoes its progress live and summarises its KTAP/diag lines."""
@@ -13,7 +14,18 @@ import time
 from luoagent import report
 from luoagent.report import Progress
 
-SCENARIO = "vm-update"
+SCENARIO = "kernel-change"
+SCENARIOS = ("kernel-change", "vm-update")
+
+# kernel-change's diag lines (luoagent/lab/scenarios/kernel_change.py)
+_HOP_PHASE = re.compile(r"update (?P<hop>[\d.]+->[\d.]+): \[update\] (?P<phase>[\w-]+) done in (?P<s>[\d.]+) s")
+_HOP_ABI = re.compile(r"update (?P<hop>[\d.]+->[\d.]+): \[update\]\s+LUO ABI identical: (?P<abi>.*)")
+_HOP_SAMPLE = re.compile(r"update (?P<hop>[\d.]+->[\d.]+): \[update\]\s+(?P<vm>\S+): stop.*RAM sample hashed in "
+                         r"(?P<ms>[\d.]+) ms \((?P<per>[\d.]+) ms/GiB\)")
+_ON_RELEASE = re.compile(r"guest (?P<vm>\S+) on (?P<rel>\S+): counter (?P<before>\d+) -> (?P<after>\d+) -> "
+                         r"(?P<later>\d+), blackout (?P<blackout>[\d.]+) s")
+_SAMPLE_REFUSED = re.compile(r"restore on [\d.]+: \[restore\] (?P<vm>\S+): FAILED: (?P<msg>.*)")
+_RELEASES = re.compile(r"releases crossed: (?P<rel>.*)")
 
 _PHASE = re.compile(r"update: \[update\] (?P<phase>[\w-]+) done in (?P<s>[\d.]+) s")
 _PREP = re.compile(r"update: \[update\]\s+kexec now \(preparation took (?P<s>[\d.]+) s\)")
@@ -27,13 +39,17 @@ _KERNELS = re.compile(r"restore: \[restore\] manifest: .* written by kernel (?P<
 _ROLLBACK = re.compile(r"(?P<case>fault after quiesce|reboot refused): luoagent update: error: (?P<msg>.*)")
 
 #: console lines worth showing live (the rest is kernel boot noise)
-_LIVE = re.compile(r"# (guest |update: \[update\] \S+ (done|FAILED)|update: \[update\]\s+\S+: (stop|ram0)|"
+_LIVE = re.compile(r"# (guest |update [\d.]+->[\d.]+: \[update\] \S+ (done|FAILED)|releases crossed|"
+                   r"restore on [\d.]+: \[restore\]|update: \[update\] \S+ (done|FAILED)|update: \[update\]\s+\S+: (stop|ram0)|"
                    r"restore: \[restore\]|running: |fault after quiesce: luoagent|reboot refused: luoagent|"
                    r"kernel: KHO: exec from|lab-kexec: |restore: luoagent)|^\s*(not )?ok \d+ ")
 
 
 def configure(parser) -> None:
     parser.add_argument("--console", action="store_true", help="echo the lab VM's whole serial console")
+    parser.add_argument("--scenario", choices=SCENARIOS, default=SCENARIO,
+                        help=f"which story: {SCENARIOS[0]} (7.2 -> 7.3 -> 7.2, default) or {SCENARIOS[1]} "
+                        "(same kernel, with rollbacks)")
 
 
 def summarize(diag_lines: list[str]) -> dict:
@@ -60,6 +76,47 @@ def summarize(diag_lines: list[str]) -> dict:
         elif m := _ROLLBACK.search(line):
             story["rollbacks"][m["case"]] = m["msg"]
     return story
+
+
+def summarize_releases(diag_lines: list[str]) -> dict:
+    """The kernel-change story: per hop its phases, ABI and sample cost; per guest and release
+    its counter and blackout; the corrupted-sample refusal; the releases crossed (pure)."""
+    story: dict = {"hops": {}, "guests": [], "refused": {}, "releases": []}
+    for line in diag_lines:
+        if m := _HOP_PHASE.search(line):
+            story["hops"].setdefault(m["hop"], {"phases": []})["phases"].append((m["phase"], float(m["s"])))
+        elif m := _HOP_ABI.search(line):
+            story["hops"].setdefault(m["hop"], {"phases": []})["abi"] = m["abi"].strip()
+        elif m := _HOP_SAMPLE.search(line):
+            story["hops"].setdefault(m["hop"], {"phases": []}).setdefault("sample", {})[m["vm"]] = float(m["per"])
+        elif m := _ON_RELEASE.search(line):
+            story["guests"].append({"vm": m["vm"], "release": m["rel"], "before": int(m["before"]),
+                                    "after": int(m["after"]), "later": int(m["later"]),
+                                    "blackout_s": float(m["blackout"])})
+        elif m := _SAMPLE_REFUSED.search(line):
+            story["refused"][m["vm"]] = m["msg"]
+        elif m := _RELEASES.search(line):
+            story["releases"] = [r.strip() for r in m["rel"].split("->")]
+    return story
+
+
+def render_releases(story: dict, passed: bool, duration: float) -> str:
+    rel = " -> ".join(story["releases"]) or "?"
+    out = ["", f"=== luoagent live update demo: running VMs carried across kernel releases {rel} ==="]
+    for hop, h in story["hops"].items():
+        phases = ", ".join(f"{p} {s * 1000:.0f} ms" for p, s in h["phases"])
+        out.append(f"update {hop}: {phases}")
+        if "abi" in h:
+            out.append(f"  landing-side preflight: LUO ABI identical ({h['abi']})")
+        for vm, per in h.get("sample", {}).items():
+            out.append(f"  {vm}: RAM sample hashed after stop, {per:.1f} ms/GiB")
+    for g in story["guests"]:
+        out.append(f"guest {g['vm']} on {g['release']}: counter {g['before']:,} before update -> {g['after']:,} "
+                   f"after restore -> {g['later']:,} 0.5 s later; blackout {g['blackout_s']:.3f} s")
+    for vm, msg in story["refused"].items():
+        out.append(f"guest {vm} (one sampled RAM page corrupted on purpose): {msg}")
+    out.append(f"{'PASS' if passed else 'FAIL'}: scenario kernel-change in {duration:.0f} s wall")
+    return "\n".join(out)
 
 
 def render(story: dict, passed: bool, duration: float) -> str:
@@ -89,7 +146,7 @@ def render(story: dict, passed: bool, duration: float) -> str:
             out.append(f"                  = {v['blackout_parts']}")
     for case, msg in story["rollbacks"].items():
         out.append(f"rollback ({case}): {msg}")
-    out.append(f"{'PASS' if passed else 'FAIL'}: scenario {SCENARIO} in {duration:.0f} s wall")
+    out.append(f"{'PASS' if passed else 'FAIL'}: scenario vm-update in {duration:.0f} s wall")
     return "\n".join(out)
 
 
@@ -105,8 +162,13 @@ def run(args) -> int:
                     progress=Progress("lab"), selftests=False,
                     kernel_version=getattr(args, "kernel_version", "7.2"))
     say(f"lab ready in {time.monotonic() - started:.0f} s: kernel {lab.kernel}")
-    say("booting the lab VM: start guests a (luoagent vm start) and b (plain QEMU, adopted), "
-        "live-update the kernel under them, restore, then try two rollbacks")
+    scenario = getattr(args, "scenario", SCENARIO)
+    if scenario == "kernel-change":
+        say("booting the lab VM: start guests a and b on 7.2, update them into the 7.3 kernel, restore "
+            "(b's RAM sample corrupted on purpose: refused), then carry a back to 7.2")
+    else:
+        say("booting the lab VM: start guests a (luoagent vm start) and b (plain QEMU, adopted), "
+            "live-update the kernel under them, restore, then try two rollbacks")
 
     def echo(line: str) -> None:
         if getattr(args, "console", False):
@@ -114,17 +176,17 @@ def run(args) -> int:
         elif _LIVE.search(line):
             say("  | " + line.strip())
 
-    result = lab.run([SCENARIO], echo=echo)
-    sc = result.scenarios.get(SCENARIO)
+    result = lab.run([scenario], echo=echo)
+    sc = result.scenarios.get(scenario)
     diag = [d for t in (sc.tests if sc else []) for d in t.diag] + (sc.diag if sc else [])
     # the KTAP parser attaches diag lines to results; the console has them in order too
     lines = [ln.strip().lstrip("#").strip() for ln in result.console.splitlines() if ln.strip().startswith("#")]
-    story = summarize(lines or diag)
+    story = (summarize_releases if scenario == "kernel-change" else summarize)(lines or diag)
     passed = bool(result.ok)
     if want_json:
         print(json.dumps({"ok": passed, "story": story, "lab": result.to_json()}, indent=1))
     else:
-        print(render(story, passed, result.duration))
+        print((render_releases if scenario == "kernel-change" else render)(story, passed, result.duration))
         if not passed:
             print(result.summary())
             print(f"console: {result.console_log}")

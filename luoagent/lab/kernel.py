@@ -200,19 +200,39 @@ class KernelSource:
     local: bool
 
 
-def debian_source(version: str, progress: Progress) -> KernelSource:
-    """Download (cached) and extract (cached, atomic) Debian's linux-source-<version>."""
-    if version not in SUPPORTED_VERSIONS:
+def split_version(version: str) -> tuple[str, str | None]:
+    """("7.2", None) for a series (newest Debian release of it), ("7.2", "7.2.12") for an exact
+    upstream release (a stable update of that series); LabBuildError for anything else."""
+    m = re.fullmatch(r"(\d+\.\d+)(?:\.(\d+))?", version)
+    if not m or m.group(1) not in SUPPORTED_VERSIONS:
         raise LabBuildError(
-            f"unsupported lab kernel version {version!r}; choose one of {', '.join(SUPPORTED_VERSIONS)} "
-            "or pass --kernel-src DIR"
+            f"unsupported lab kernel version {version!r}; choose a series ({', '.join(SUPPORTED_VERSIONS)}) "
+            "or an exact release of one (e.g. 7.2.12), or pass --kernel-src DIR"
         )
-    package = f"linux-source-{version}"
-    progress.phase(f"fetch {package}")
+    return m.group(1), version if m.group(2) else None
+
+
+def debian_source(version: str, progress: Progress) -> KernelSource:
+    """Download (cached) and extract (cached, atomic) Debian's linux-source-<series>, the newest
+    one, or for an exact release (``7.2.12``) the Debian version of that upstream release."""
+    series, exact = split_version(version)
+    package = f"linux-source-{series}"
+    progress.phase(f"fetch {package}" + (f" {exact}" if exact else ""))
+    spec = package
+    if exact:
+        apt = debian.private_apt()
+        versions = [v for v in apt.versions(package) if v.split("-", 1)[0] == exact]
+        if not versions:
+            cached = sorted(debian.debs_dir().glob(f"{package}_{exact}-*.deb"))
+            if not cached:
+                raise LabBuildError(f"Debian has no {package} of release {exact} in the lab's suites; "
+                                    f"it has {', '.join(apt.versions(package)) or 'none'}")
+            versions = [debian.deb_field(cached[-1], "Version")]
+        spec = f"{package}={versions[0]}"
     try:
-        deb = debian.download_debs([package])[0]
+        deb = debian.download_debs([spec])[0]
     except LabBuildError as exc:
-        cached = sorted(debian.debs_dir().glob(f"{package}_*.deb"))
+        cached = sorted(debian.debs_dir().glob(f"{package}_{exact + '-' if exact else ''}*.deb"))
         if not cached:
             raise LabBuildError(f"cannot fetch {package}: {exc}") from exc
         deb = cached[-1]

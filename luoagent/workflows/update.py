@@ -37,7 +37,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
-from luoagent.workflows import doctor, journal, summary
+from luoagent.workflows import doctor, journal, landing, ram_sample, summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -74,6 +74,18 @@ def configure(parser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per QEMU step (default 60)")
     parser.add_argument(
+        "--allow-loss", action="append", default=[], metavar="NAME",
+        help="accept that this QEMU / VM (name or pid), which is not carried, dies with the kexec (repeatable)",
+    )
+    parser.add_argument(
+        "--running-kernel", metavar="BZIMAGE",
+        help="the running kernel's image, to read its LUO ABI strings (default /boot/vmlinuz-RELEASE)",
+    )
+    parser.add_argument(
+        "--allow-unverified-kernel", action="store_true",
+        help="go ahead when the target's configuration or LUO ABI cannot be read (a known mismatch is still refused)",
+    )
+    parser.add_argument(
         "--json", action="store_true",
         help="print the result as JSON on stdout (a real update prints it just before the kexec; "
         "if the update then fails, the error document follows on its own line)",
@@ -91,6 +103,9 @@ def run(args) -> int:
         dry_run=args.dry_run,
         timeout=args.timeout,
         json=args.json,
+        allow_loss=list(args.allow_loss),
+        running_kernel=Path(args.running_kernel) if args.running_kernel else None,
+        allow_unverified_kernel=args.allow_unverified_kernel,
     )
     result = _via_daemon(req, args)
     if result is not None and not req.dry_run:
@@ -141,6 +156,10 @@ class UpdateRequest:
     dry_run: bool = False
     timeout: float = 60.0
     json: bool = False
+    #: landing-side preflight (workflows/landing.py): losses accepted, running image, override
+    allow_loss: list[str] = field(default_factory=list)
+    running_kernel: Path | None = None
+    allow_unverified_kernel: bool = False
     #: progress lines go here (stderr by default; luoagent.report decides human or JSON)
     progress: object = None
     #: the journal file (default: journal.journal_path(), i.e. $LUOAGENT_RUN_DIR/journal.json)
@@ -187,6 +206,9 @@ class VmWork:
     ram_figures: cpr.RamFigures = cpr.RamFigures(None, None, None, None)
     qemu_version: str = ""
     quiesce_s: float = 0.0
+    #: per RAM backend, the page sample hashed after stop (workflows/ram_sample.py)
+    samples: list = field(default_factory=list)
+    sample_s: float = 0.0
 
     @property
     def name(self) -> str:
@@ -409,6 +431,14 @@ class _Update:
                 )
                 raise err
             self.cmdline = self.req.cmdline if self.req.cmdline is not None else kexec.current_cmdline()
+            verdict = await landing.preflight(
+                kernel=self.req.kernel, header_version=self.kernel_release, cmdline=self.cmdline, work=self.work,
+                recorded=[(r.name, int(r.pid or 0)) for r in vmwf.list_records(self.req.vm_root)],
+                running_image=self.req.running_kernel, allow_unverified=self.req.allow_unverified_kernel,
+                allow_loss=self.req.allow_loss, scan_host="other-qemus" not in self.skip,
+            )
+            for note in verdict.notes:
+                self.progress.note(note)
             if "kexec-load" not in self.skip:
                 self.journal.record(kexec_loaded=True)
                 kexec.load(self.req.kernel, self.req.initrd, self.cmdline)
@@ -504,6 +534,8 @@ class _Update:
                     f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
                     f"({100.0 * w.vmstate_size / max(w.ram_bytes, 1):.3f} % of RAM); "
                     + summary.ram_figures_text(self._figures(w))
+                    + f"; RAM sample hashed in {w.sample_s * 1000:.1f} ms "
+                    f"({ram_sample.ms_per_gib(w.sample_s, w.ram_bytes):.1f} ms/GiB)"
                 )
 
     async def _quiesce(self, w: VmWork) -> None:
@@ -537,6 +569,11 @@ class _Update:
             w.migrate_info = info
             w.vmstate_size = memfd.size(w.vmstate_fd)
             w.ram_figures = cpr.RamFigures.from_query_migrate(info)  # what QEMU measured, nothing inferred
+            # stopped and saved: guest RAM no longer changes until restore verifies this sample
+            for b, fd in zip(w.backends, w.ram_fds):
+                record, seconds = ram_sample.take(fd, b.size)
+                w.samples.append(record)
+                w.sample_s += seconds
         except LuoAgentError as exc:
             exc.vm = w.name  # type: ignore[attr-defined]
             raise
@@ -569,7 +606,9 @@ class _Update:
                         binary=w.target.binary,
                         argv=list(w.target.argv),
                         qmp_socket=str(w.target.qmp_socket),
-                        ram=[mf.RamRecord(id=b.id, size=b.size, token=mf.ram_token(i)) for i, b in enumerate(w.backends)],
+                        ram=[mf.RamRecord(id=b.id, size=b.size, token=mf.ram_token(i),
+                                          sample=w.samples[i] if i < len(w.samples) else None)
+                             for i, b in enumerate(w.backends)],
                         vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=w.vmstate_size),
                         was_running=w.was_running,
                         stopped_at_ns=w.stopped_at_ns,
@@ -727,6 +766,7 @@ class _Update:
                     "vmstate_percent_of_ram": round(100.0 * w.vmstate_size / max(w.ram_bytes, 1), 4),
                     **self._figures(w),
                     "quiesce_seconds": round(w.quiesce_s, 4),
+                    "ram_sample_ms_per_gib": round(ram_sample.ms_per_gib(w.sample_s, w.ram_bytes), 3),
                     "stopped_at_ns": w.stopped_at_ns,
                 }
                 for w in self.work

@@ -29,7 +29,12 @@ pytestmark = [pytest.mark.host, pytest.mark.timeout(600)]
 
 RAM = 64 * 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
-HOST_SKIP = "luo,kexec-load"
+#: no LUO, no kexec here, and other engineers' QEMUs on this shared machine are not ours to count
+HOST_SKIP = "luo,kexec-load,other-qemus"
+#: this host's own kernel has no LUO and the test image is a bare header: give the landing-side
+#: preflight a command line that keeps LUO on and accept the image's unread configuration
+#: (tests/host/test_landing_host.py exercises those refusals)
+LANDING_OK = ("--append", "console=ttyS0 liveupdate=on kho=on", "--allow-unverified-kernel")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +131,7 @@ async def _qemu_state(vm: Vm) -> dict:
 
 
 def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None,
-               log_format: str = "auto") -> subprocess.CompletedProcess:
+               log_format: str = "auto", landing: tuple[str, ...] = LANDING_OK) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("LUOAGENT_FAULT", None)
     if fault:
@@ -137,7 +142,7 @@ def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None,
         env["LUOAGENT_QEMU"] = str(binary)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     mode = ["--test-mode"] if fault or skip else []
-    return subprocess.run([sys.executable, "-m", "luoagent", "--log-format", log_format, *mode, "update", *args],
+    return subprocess.run([sys.executable, "-m", "luoagent", "--log-format", log_format, *mode, "update", *landing, *args],
                           capture_output=True, text=True,
                           env=env, timeout=300, cwd=REPO)
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from luoagent import manifest as mf
 from luoagent import testmode
 from luoagent.lab.scenarios._common import agent_env
 
@@ -178,7 +179,6 @@ def counters_rising(ctx, case: str) -> bool:
 
 def sessions_free(ctx, case: str) -> None:
     """The proof that rollback released every session: the same names can be created again."""
-    from luoagent import manifest as mf
     from luoagent.luo import LiveUpdate
 
     names = [mf.vm_session_name(vm) for vm in VMS] + [mf.MANIFEST_SESSION]
@@ -358,7 +358,6 @@ def stage_restore(ctx) -> None:
 
     # ---- leave a manifest of an unknown major version for the next boot --------------------
     _stop_guests()
-    from luoagent import manifest as mf
     from luoagent.luo import LiveUpdate
 
     fd = os.memfd_create("luoagent-manifest-future", os.MFD_ALLOW_SEALING)
@@ -388,7 +387,6 @@ def _stop_guests() -> None:
 
 
 def stage_unknown_version(ctx) -> None:
-    from luoagent import manifest as mf
 
     r = luoagent("restore")
     ours = "{}.{}".format(*mf.SCHEMA_VERSION)  # the version this luoagent writes, named in the error
