@@ -259,6 +259,9 @@ class Daemon:
                 dry_run=bool(args.get("dry_run")),
                 timeout=float(args.get("timeout") or 60.0),
                 json=True,
+                allow_loss=[str(v) for v in args.get("allow_loss") or []],
+                running_kernel=Path(args["running_kernel"]) if args.get("running_kernel") else None,
+                allow_unverified_kernel=bool(args.get("allow_unverified_kernel")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"update request is missing or has a bad field: {exc}") from None

@@ -133,7 +133,9 @@ def _via_daemon(req: "UpdateRequest", args) -> dict | None:
 
     request = {"kernel": str(req.kernel.absolute()), "initrd": str(req.initrd.absolute()) if req.initrd else None,
                "cmdline": req.cmdline, "vms": req.vms, "vm_root": str(req.vm_root.absolute()),
-               "dry_run": req.dry_run, "timeout": req.timeout}
+               "dry_run": req.dry_run, "timeout": req.timeout, "allow_loss": req.allow_loss,
+               "running_kernel": str(req.running_kernel.absolute()) if req.running_kernel else None,
+               "allow_unverified_kernel": req.allow_unverified_kernel}
     try:
         result = client.call("update", request, label="update", on_announce=announce)
     except DaemonNotRunning as exc:

@@ -24,6 +24,7 @@ import pytest
 
 from test_update_rollback_host import (  # noqa: F401  (fixtures used by name)
     HOST_SKIP,
+    LANDING_OK,
     REPO,
     _qemu_state,
     assert_running_and_rising,
@@ -106,7 +107,8 @@ def agent(tmp_path):
 
 
 def update_args(kernel_image, *vm_list) -> list[str]:
-    args = ["update", "--kernel", str(kernel_image), "--dry-run", "--json"]
+    # LANDING_OK: a command line that keeps LUO on, and no ABI check of the fake image
+    args = ["update", "--kernel", str(kernel_image), *LANDING_OK, "--dry-run", "--json"]
     for vm in vm_list:
         args += ["--vm", f"{vm.name}={vm.sock}"]
     return args

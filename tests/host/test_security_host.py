@@ -22,7 +22,7 @@ from luoagent import memfd
 from luoagent.adapters import cpr, procfs, qemu_binary, qmp_client
 from luoagent.lab import guest
 
-from test_update_rollback_host import HOST_SKIP, REPO, RAM, guest_elf, kernel_image, run_update, vms  # noqa: F401
+from test_update_rollback_host import HOST_SKIP, LANDING_OK, REPO, RAM, guest_elf, kernel_image, run_update, vms  # noqa: F401
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(600)]
 NOBODY = (65534, 65534)
@@ -61,7 +61,7 @@ def test_vm_start_user_and_update_keep_the_qemu_unprivileged(lab_qemu, guest_elf
         assert check["ok"] and "no VM runs as root" in check["detail"], check
 
         # the dry run stops it, saves its vmstate, records who it runs as, then resumes it
-        r = _cli(lab_qemu, "update", "--dry-run", "--json", "--kernel", str(kernel_image), "--vm-root", str(root),
+        r = _cli(lab_qemu, "update", "--dry-run", "--json", "--kernel", str(kernel_image), *LANDING_OK, "--vm-root", str(root),
                  test_mode=True)
         assert r.returncode == 0, r.stderr
         [v] = json.loads(r.stdout)["vms"]
