@@ -62,6 +62,14 @@ def test_image_config_and_abi_strings_are_read_from_the_payload(tmp_path, compre
     assert img.config["LIVEUPDATE_MEMFD"] == "y" and img.config["KEXEC_HANDOVER_ENABLE_DEFAULT"] == "n"
 
 
+def test_abi_strings_need_a_word_boundary_digits_and_a_nul():
+    blob = (b"\x00xluo-v9\x00 luo-v\x00 luo-v7x\x00 _kho-v1\x00 luo-v5\x00"
+            b" kho-v4\x00 memfd-v2\x00 memfd-v3\x00")
+    img = kimage.read_vmlinux_facts(blob, Path("vmlinux"))
+    assert img.abi == {"luo": "luo-v5", "kho": "kho-v4"}
+    assert img.ambiguous == {"memfd": ["memfd-v2", "memfd-v3"]}
+
+
 def test_image_with_unreadable_payload_says_why(tmp_path):
     img = kimage.inspect(make_bzimage(tmp_path / "bzImage", header(), compress="zstd"))
     assert "zstd" in img.problem and img.config is None and img.abi == {}
