@@ -191,3 +191,17 @@ def test_a_recycled_pid_is_never_signalled(tmp_path, capsys):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_pid_is_this_vm_only_if_its_qmp_socket_matches_as_a_whole_value(tmp_path):
+    # a real process whose argv carries another VM's QMP socket, whose path extends this one's
+    other = f"{tmp_path}/a/qmp.sock2"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-qmp", f"unix:{other},server=on,wait=off"])
+    try:
+        assert not vm.is_vm_process(vm.VmRecord(name="a", pid=proc.pid, qmp_socket=f"{tmp_path}/a/qmp.sock"))
+        assert vm.is_vm_process(vm.VmRecord(name="a2", pid=proc.pid, qmp_socket=other))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not vm.is_vm_process(vm.VmRecord(name="a2", pid=proc.pid, qmp_socket=other))

@@ -195,15 +195,18 @@ def list_records(root: str | os.PathLike | None = None) -> list[VmRecord]:
 
 def is_vm_process(record: VmRecord) -> bool:
     """Is ``record.pid`` still this VM's QEMU (and not a recycled pid)? Checks its command line
-    for the VM's QMP socket or ``-name NAME``."""
+    for the VM's QMP socket as a whole option value (``unix:PATH`` or ``path=PATH``: a socket
+    whose path merely contains this one's is another VM) or ``-name NAME``."""
     if not pid_alive(record.pid):
         return False
     try:
         args = procfs.argv(record.pid)
     except OSError:
         return False
-    if record.qmp_socket and any(record.qmp_socket in a for a in args):
-        return True
+    if record.qmp_socket:
+        wanted = {f"unix:{record.qmp_socket}", f"path={record.qmp_socket}"}
+        if any(part in wanted for a in args for part in a.split(",")):
+            return True
     return any(a == "-name" and b.split(",")[0] in (record.name, f"guest={record.name}")
                for a, b in zip(args, args[1:]))
 
