@@ -113,6 +113,14 @@ class LabResult:
         lines.extend(f"error: {e}" for e in self.errors)
         return "\n".join(lines)
 
+    def require(self, scenario: str, description: str) -> None:
+        """Raise ScenarioFailed unless ``scenario`` reported ``description`` ok (not skipped): its diagnostics
+        and the console's last 60 lines say why (what every lab test file checks, by name)."""
+        t = self.scenario(scenario).test(description)
+        if not t.ok or t.skipped:  # a skipped check proved nothing
+            raise ScenarioFailed(f"{scenario}: {description}: {'skipped' if t.skipped else 'not ok'}\n" + "\n".join(t.diag)
+                                 + f"\n--- console tail ({self.console_log}) ---\n{self.tail(60)}")
+
     def assert_ok(self) -> "LabResult":
         """Raise ScenarioFailed (failures + the console's last lines) unless ``ok``."""
         if not self.ok:

@@ -20,33 +20,29 @@ def run(lab):
     return lab.run([sc.NAME])
 
 
-def _ok(result, desc):
-    t = result.scenario(sc.NAME).test(desc)
-    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
-
 
 def test_paused_daemon_holds_the_sessions_not_the_device(run):
-    _ok(run, sc.HOLDS_SESSIONS)
-    _ok(run, sc.DEVICE_NOT_HELD)
+    run.require(sc.NAME, sc.HOLDS_SESSIONS)
+    run.require(sc.NAME, sc.DEVICE_NOT_HELD)
 
 
 @pytest.mark.parametrize("case", ["daemon SIGKILLed after the manifest", "SIGTERM during quiesce"])
 def test_killed_or_stopped_daemon_leaves_nothing_behind(run, case):
-    _ok(run, sc.RECOVERED.format(case=case))
+    run.require(sc.NAME, sc.RECOVERED.format(case=case))
     for vm in vu.VMS:
-        _ok(run, f"{case}: guest {vm} running, counter rising")
-    _ok(run, vu.NO_SESSION_LEFT.format(case=case))
-    _ok(run, f"after rollback ({case}): no kexec image left loaded")
+        run.require(sc.NAME, f"{case}: guest {vm} running, counter rising")
+    run.require(sc.NAME, vu.NO_SESSION_LEFT.format(case=case))
+    run.require(sc.NAME, f"after rollback ({case}): no kexec image left loaded")
 
 
 def test_sigterm_rolls_back_and_exits(run):
-    _ok(run, sc.SIGTERM_EXIT)
+    run.require(sc.NAME, sc.SIGTERM_EXIT)
 
 
 def test_update_through_the_daemon_kexecs_and_restores(run):
-    _ok(run, sc.KEXECED)
-    _ok(run, sc.ANNOUNCED)
-    _ok(run, sc.RESTORED)
+    run.require(sc.NAME, sc.KEXECED)
+    run.require(sc.NAME, sc.ANNOUNCED)
+    run.require(sc.NAME, sc.RESTORED)
     for vm in vu.VMS:
-        _ok(run, vu.COUNTER_CONTINUES.format(vm=vm))
-        _ok(run, vu.CANARY_OK.format(vm=vm))
+        run.require(sc.NAME, vu.COUNTER_CONTINUES.format(vm=vm))
+        run.require(sc.NAME, vu.CANARY_OK.format(vm=vm))

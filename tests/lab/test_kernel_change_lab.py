@@ -17,10 +17,6 @@ def run(lab):
     return lab.run([sc.NAME])
 
 
-def _ok(result, desc):
-    t = result.scenario(sc.NAME).test(desc)
-    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
-
 
 def test_each_stage_runs_on_its_release(run):
     for stage, series in enumerate(sc.KERNELS):  # ctx.stage counts from 0
@@ -31,22 +27,22 @@ def test_each_stage_runs_on_its_release(run):
 
 @pytest.mark.parametrize("frm, to", [("7.2", "7.3"), ("7.3", "7.2")])
 def test_vms_cross_a_release_change(run, frm, to):
-    _ok(run, sc.CROSSED.format(frm=frm, to=to))
-    _ok(run, sc.ABI_COMPARED.format(frm=frm, to=to))
-    _ok(run, sc.RESTORED.format(vm="a", to=to))
+    run.require(sc.NAME, sc.CROSSED.format(frm=frm, to=to))
+    run.require(sc.NAME, sc.ABI_COMPARED.format(frm=frm, to=to))
+    run.require(sc.NAME, sc.RESTORED.format(vm="a", to=to))
     assert f"KHO: exec from: {frm}." in run.console, run.tail(60)
 
 
 def test_preflight_refusals_with_real_luo_leave_nothing_behind(run):
-    _ok(run, sc.REFUSED_CMDLINE_AND_LOSS)
-    _ok(run, sc.REFUSED_UNKNOWN_ABI)
+    run.require(sc.NAME, sc.REFUSED_CMDLINE_AND_LOSS)
+    run.require(sc.NAME, sc.REFUSED_UNKNOWN_ABI)
     for case in ("command line and loss", "unknown ABI"):
-        _ok(run, sc.REFUSAL_LEFT_NOTHING.format(case=case))
+        run.require(sc.NAME, sc.REFUSAL_LEFT_NOTHING.format(case=case))
 
 
 def test_corrupted_ram_sample_refuses_the_vm_and_keeps_its_ram(run):
-    _ok(run, sc.SAMPLE_CORRUPT_REFUSED)
-    _ok(run, sc.SAMPLE_COST)
+    run.require(sc.NAME, sc.SAMPLE_CORRUPT_REFUSED)
+    run.require(sc.NAME, sc.SAMPLE_COST)
 
 
 def test_whole_scenario_green(run):

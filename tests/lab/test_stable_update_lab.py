@@ -16,16 +16,12 @@ def run(lab):
     return lab.run([sc.NAME])
 
 
-def _ok(result, desc):
-    t = result.scenario(sc.NAME).test(desc)
-    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
-
 
 def test_vms_cross_a_stable_update(run):
-    _ok(run, kc.CROSSED.format(frm=sc.FROM, to=sc.TO))
-    _ok(run, kc.ABI_COMPARED.format(frm=sc.FROM, to=sc.TO))
+    run.require(sc.NAME, kc.CROSSED.format(frm=sc.FROM, to=sc.TO))
+    run.require(sc.NAME, kc.ABI_COMPARED.format(frm=sc.FROM, to=sc.TO))
     for vm in sc.VMS:
-        _ok(run, kc.RESTORED.format(vm=vm, to=sc.TO))
+        run.require(sc.NAME, kc.RESTORED.format(vm=vm, to=sc.TO))
     assert "KHO: exec from: 7.2.12 " in run.console, run.tail(60)
 
 

@@ -20,15 +20,10 @@ def run(lab):
     return lab.run(["vm-update"])
 
 
-def _ok(result, desc):
-    s = result.scenario(sc.NAME)
-    t = s.test(desc)
-    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
-
 
 def test_update_kexecs_and_restore_brings_two_vms_back(run):
-    _ok(run, sc.UPDATE_KEXECED)
-    _ok(run, sc.RESTORE_OK)
+    run.require(sc.NAME, sc.UPDATE_KEXECED)
+    run.require(sc.NAME, sc.RESTORE_OK)
     assert "KHO: exec from:" in run.console
 
 
@@ -36,29 +31,29 @@ def test_update_kexecs_and_restore_brings_two_vms_back(run):
 def test_guest_continues_with_ram_in_place(run, vm):
     for desc in (sc.COUNTER_CONTINUES, sc.COUNTER_RISING, sc.CANARY_OK, sc.VMSTATE_SMALL, sc.RAM_NOT_COPIED,
                  sc.SAME_IDENTITY):
-        _ok(run, desc.format(vm=vm))
+        run.require(sc.NAME, desc.format(vm=vm))
     # the blackout is reported (stop -> running across the kexec)
     assert re.search(rf"guest {vm}: blackout \d+\.\d+ s", run.console), run.tail(60)
 
 
 def test_restored_vms_are_listed(run):
-    _ok(run, sc.LISTED)
+    run.require(sc.NAME, sc.LISTED)
 
 
 @pytest.mark.parametrize("case, desc", [("dry run", sc.DRY_RUN),
                                         ("fault after quiesce", sc.ROLLBACK_FAULT),
                                         ("reboot refused", sc.ROLLBACK_REBOOT)])
 def test_rollback_inside_the_lab_leaves_vms_running_and_no_session(run, case, desc):
-    _ok(run, desc)
+    run.require(sc.NAME, desc)
     for vm in sc.VMS:
-        _ok(run, f"{case}: guest {vm} running, counter rising")
-    _ok(run, sc.NO_SESSION_LEFT.format(case=case))
-    _ok(run, f"after rollback ({case}): no kexec image left loaded")
+        run.require(sc.NAME, f"{case}: guest {vm} running, counter rising")
+    run.require(sc.NAME, sc.NO_SESSION_LEFT.format(case=case))
+    run.require(sc.NAME, f"after rollback ({case}): no kexec image left loaded")
 
 
 def test_manifest_errors(run):
-    _ok(run, sc.VERSION_ERROR)
-    _ok(run, sc.MISSING_ERROR)
+    run.require(sc.NAME, sc.VERSION_ERROR)
+    run.require(sc.NAME, sc.MISSING_ERROR)
 
 
 def test_whole_scenario_green(run):
@@ -77,9 +72,9 @@ def test_failed_restore_writes_a_rescue_image_that_restores(rescue_run):
     written out as a cpr-reboot image, `restore --from-rescue` brings it back with its counter
     and canary intact, and a later update refuses its file-backed RAM before touching anything."""
     for desc in (sc.RESCUE_WRITTEN, sc.RESCUE_RESTORED, sc.RESCUE_NOT_PRESERVABLE):
-        _ok(rescue_run, desc)
+        rescue_run.require(sc.NAME, desc)
     for vm in sc.VMS:
         for desc in (sc.COUNTER_CONTINUES, sc.COUNTER_RISING, sc.CANARY_OK):
-            _ok(rescue_run, desc.format(vm=vm))
-        _ok(rescue_run, f"after the refused update: guest {vm} running, counter rising")
+            rescue_run.require(sc.NAME, desc.format(vm=vm))
+        rescue_run.require(sc.NAME, f"after the refused update: guest {vm} running, counter rising")
     rescue_run.assert_ok()
