@@ -7,7 +7,6 @@ Real QEMU 11.1 and a real cpr-reboot checkpoint of the counter guest, loaded thr
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -15,47 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from luoagent import manifest as mf
-from luoagent import memfd
-from luoagent.adapters import cpr, qemu_binary, qmp_client
 from luoagent.lab import guest
 from luoagent.workflows import restore
 
-from test_update_rollback_host import RAM, guest_elf, vms  # noqa: F401  (fixtures used by name)
+from test_update_rollback_host import RAM, checkpoint_into_rescue, guest_elf, vms  # noqa: F401  (fixtures used by name)
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(600)]
 
 
 def test_failure_after_cont_keeps_the_guest_running_and_offers_no_retry(vms, lab_qemu, tmp_path):
     a = vms("a")
-    _binary, argv = qemu_binary.qemu_cmdline(a.proc.pid)
-    vmstate = memfd.create("luoagent-test-vmstate")
-
-    async def checkpoint():
-        async with await qmp_client.Qmp.connect(a.sock, timeout=30, process=a.proc) as q:
-            w = memfd.reopen(vmstate, os.O_WRONLY)
-            try:
-                await q.add_fd(w, 9)
-            finally:
-                os.close(w)
-            stopped = time.time_ns()
-            await q.stop()
-            await cpr.save(q, "file:/dev/fdset/9")
-            saved = time.time_ns()
-            await q.quit()
-        return stopped, saved
-
-    stopped_ns, saved_ns = asyncio.run(checkpoint())
-    a.proc.wait(10)
-    record = mf.PreservedVm(
-        name="a", binary=str(lab_qemu), argv=argv, qmp_socket=str(a.sock),
-        ram=[mf.RamRecord(id="ram0", size=RAM, token=1)],
-        vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=memfd.size(vmstate)),
-        was_running=True, stopped_at_ns=stopped_ns, saved_at_ns=saved_ns, qemu_version="11.1.3",
-        ram_bytes_copied=0,
-    )
-    rescue_dir = restore.write_rescue(record, [a.ram_fd], vmstate, tmp_path / "rescue")
-    os.close(vmstate)
+    _record, rescue_dir = checkpoint_into_rescue(a, lab_qemu, tmp_path / "rescue")
     os.close(a.ram_fd)
     a.ram_fd = None
     ram_file = Path(__import__("json").loads((rescue_dir / "restore.json").read_text())["ram_files"]["ram0"])

@@ -7,7 +7,6 @@ same restore path across a real kexec runs in the lab (vm-update: VM a runs as n
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -18,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from luoagent import memfd
-from luoagent.adapters import cpr, procfs, qemu_binary, qmp_client
+from luoagent.adapters import procfs
 from luoagent.lab import guest
 
-from test_update_rollback_host import HOST_SKIP, LANDING_OK, REPO, RAM, guest_elf, kernel_image, run_update, vms  # noqa: F401
+from test_update_rollback_host import HOST_SKIP, LANDING_OK, REPO, RAM, checkpoint_into_rescue, guest_elf, kernel_image, run_update, vms  # noqa: F401
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(600)]
 NOBODY = (65534, 65534)
@@ -81,39 +79,11 @@ def test_vm_start_user_and_update_keep_the_qemu_unprivileged(lab_qemu, guest_elf
 def test_restore_runs_qemu_as_the_recorded_identity(vms, lab_qemu, tmp_path):  # noqa: F811
     """A QEMU that ran as nobody comes back as nobody, guest continuing from its checkpoint
     (rescue-image path: the same start_incoming a post-kexec restore uses)."""
-    from luoagent import manifest as mf
     from luoagent.workflows import restore
 
     a = vms("a")
-    _binary, argv = qemu_binary.qemu_cmdline(a.proc.pid)
-    vmstate = memfd.create("luoagent-test-vmstate")
-
-    async def checkpoint():
-        async with await qmp_client.Qmp.connect(a.sock, timeout=30, process=a.proc) as q:
-            w = memfd.reopen(vmstate, os.O_WRONLY)
-            try:
-                await q.add_fd(w, 9)
-            finally:
-                os.close(w)
-            stopped_ns = time.time_ns()
-            await q.stop()
-            await cpr.save(q, "file:/dev/fdset/9")
-            saved_ns = time.time_ns()
-            await q.quit()
-        return stopped_ns, saved_ns
-
-    stopped_ns, saved_ns = asyncio.run(checkpoint())
-    a.proc.wait(10)
+    _record, rescue_dir = checkpoint_into_rescue(a, lab_qemu, tmp_path / "rescue", uid=NOBODY[0], gid=NOBODY[1])
     at_stop = guest.read_state(a.ram_fd).counter
-    record = mf.PreservedVm(
-        name="a", binary=str(lab_qemu), argv=argv, qmp_socket=str(a.sock),
-        ram=[mf.RamRecord(id="ram0", size=RAM, token=1)],
-        vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=memfd.size(vmstate)),
-        was_running=True, stopped_at_ns=stopped_ns, saved_at_ns=saved_ns, qemu_version="11.1.3",
-        ram_bytes_copied=0, uid=NOBODY[0], gid=NOBODY[1],
-    )
-    rescue_dir = restore.write_rescue(record, [a.ram_fd], vmstate, tmp_path / "rescue")
-    os.close(vmstate)
     os.close(a.ram_fd)
     a.ram_fd = None
     result = restore.restore_from_rescue(rescue_dir, restore.RestoreOptions(qemu=str(lab_qemu), vm_root=tmp_path / "v"))

@@ -130,6 +130,46 @@ async def _qemu_state(vm: Vm) -> dict:
         }
 
 
+def checkpoint_into_rescue(vm: Vm, lab_qemu: Path, rescue_dir: Path, **record_fields):
+    """Stop ``vm``, save its cpr-reboot checkpoint into a memfd, quit its QEMU and write the
+    rescue image restore writes for a VM it cannot bring back (the RAM then exists only in the
+    image's files: ``vm.ram_fd`` is closed). Returns (PreservedVm, rescue image directory)."""
+    from luoagent import manifest as mf
+    from luoagent.workflows import restore
+
+    _binary, argv = qemu_binary.qemu_cmdline(vm.proc.pid)
+    vmstate = memfd.create("luoagent-test-vmstate")
+
+    async def checkpoint():
+        async with await qmp_client.Qmp.connect(vm.sock, timeout=30, process=vm.proc) as q:
+            w = memfd.reopen(vmstate, os.O_WRONLY)
+            try:
+                await q.add_fd(w, 9)
+            finally:
+                os.close(w)
+            stopped_ns = time.time_ns()
+            await q.stop()
+            await cpr.save(q, "file:/dev/fdset/9")
+            saved_ns = time.time_ns()
+            await q.quit()
+        return stopped_ns, saved_ns
+
+    try:
+        stopped_ns, saved_ns = asyncio.run(checkpoint())
+        vm.proc.wait(10)
+        record = mf.PreservedVm(
+            name=vm.name, binary=str(lab_qemu), argv=argv, qmp_socket=str(vm.sock),
+            ram=[mf.RamRecord(id="ram0", size=RAM, token=1)],
+            vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=memfd.size(vmstate)),
+            was_running=True, stopped_at_ns=stopped_ns, saved_at_ns=saved_ns, qemu_version="11.1.3",
+            ram_bytes_copied=0, **record_fields,
+        )
+        image = restore.write_rescue(record, [vm.ram_fd], vmstate, rescue_dir)
+    finally:
+        os.close(vmstate)
+    return record, image
+
+
 def run_update(*args: str, fault: str = "", skip: str = HOST_SKIP, binary=None,
                log_format: str = "auto", landing: tuple[str, ...] = LANDING_OK) -> subprocess.CompletedProcess:
     env = dict(os.environ)
@@ -336,41 +376,13 @@ def test_rescue_image_is_a_cpr_reboot_checkpoint_a_plain_qemu_loads(vms, lab_qem
     with its RAM in the files) — the guest must continue, canary intact."""
     import signal
 
-    from luoagent import manifest as mf
     from luoagent.workflows import restore
 
     a = vms("a")
     seed = 0x5EED
     memfd.write_pattern(a.ram_fd, guest.CANARY_OFFSET, guest.CANARY_SIZE, seed)
-    _binary, argv = qemu_binary.qemu_cmdline(a.proc.pid)
-    vmstate = memfd.create("luoagent-test-vmstate")
-
-    async def checkpoint():
-        async with await qmp_client.Qmp.connect(a.sock, timeout=30, process=a.proc) as q:
-            w = memfd.reopen(vmstate, os.O_WRONLY)
-            try:
-                await q.add_fd(w, 9)
-            finally:
-                os.close(w)
-            stopped_ns = time.time_ns()
-            await q.stop()
-            await cpr.save(q, "file:/dev/fdset/9")
-            saved_ns = time.time_ns()
-            await q.quit()
-        return stopped_ns, saved_ns
-
-    stopped_ns, saved_ns = asyncio.run(checkpoint())
-    a.proc.wait(10)
+    record, rescue_dir = checkpoint_into_rescue(a, lab_qemu, tmp_path / "rescue")
     at_stop = guest.read_state(a.ram_fd)
-    record = mf.PreservedVm(
-        name="a", binary=str(lab_qemu), argv=argv, qmp_socket=str(a.sock),
-        ram=[mf.RamRecord(id="ram0", size=RAM, token=1)],
-        vmstate=mf.VmstateRecord(token=mf.VMSTATE_TOKEN, size=memfd.size(vmstate)),
-        was_running=True, stopped_at_ns=stopped_ns, saved_at_ns=saved_ns, qemu_version="11.1.3",
-        ram_bytes_copied=0,
-    )
-    rescue_dir = restore.write_rescue(record, [a.ram_fd], vmstate, tmp_path / "rescue")
-    os.close(vmstate)
     meta = __import__("json").loads((rescue_dir / "restore.json").read_text())
     ram_file = Path(meta["ram_files"]["ram0"])
     assert ram_file.stat().st_size == RAM and (rescue_dir / "vmstate").stat().st_size == record.vmstate.size
