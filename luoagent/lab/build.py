@@ -177,25 +177,36 @@ class Lab:
         cache.atomic_write(record, json.dumps({"ok": ok, "console": str(run_dir / "console.log")}))
         return ok
 
+    def other_kernel_series(self, kernels: list[tuple[str, ...] | None]) -> list[str]:
+        """The series among scenarios' KERNELS that the lab kernel is not (each built on first
+        use by run(); a caller may build them ahead with kernel_for(), e.g. in the background)."""
+        lab_release = boot.bzimage_release(self.kernel)
+        out: list[str] = []
+        for series in (s for ks in kernels if ks for s in ks):
+            if not (lab_release == series or lab_release.startswith(series + ".")) and series not in out:
+                out.append(series)
+        return out
+
     def _stage_kernels(self, group: list[boot.RunItem], progress: Progress) -> dict[str, Path]:
         """For scenarios with KERNELS: fill ``kernel_files`` and return run-disk name -> bzImage."""
         extras: dict[str, Path] = {}
-        lab_release = boot.bzimage_release(self.kernel)
         for item in group:
             if not item.kernels:
                 continue
             files = []
+            others = self.other_kernel_series([item.kernels])
             for series in item.kernels:
-                if lab_release == series or lab_release.startswith(series + "."):
+                if series not in others:
                     files.append("bzImage")
                     continue
                 name = f"kernels/{series}/bzImage"
-                extras[name] = self._kernel_for(series, progress)
+                extras[name] = self.kernel_for(series, progress)
                 files.append(name)
             item.kernel_files = files
         return extras
 
-    def _kernel_for(self, series: str, progress: Progress) -> Path:
+    def kernel_for(self, series: str, progress: Progress) -> Path:
+        """The bzImage for ``series`` ($LUOAGENT_LAB_KERNEL_7_3-style override, else built/cached)."""
         env = os.environ.get(f"{KERNEL_ENV}_{series.replace('.', '_')}")
         if env:
             return _resolve_kernel(env, None, progress)

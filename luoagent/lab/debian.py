@@ -4,11 +4,13 @@ The mirror comes from the machine's own apt sources; lists, package cache and .d
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,7 +152,13 @@ class AptContext:
             raise LabBuildError(f"{tool} not found: the lab needs a Debian-based host with apt")
         cmd = [tool, "-q", *self.options(), *args]
         _log.debug("apt", cmd=cmd)
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        # one apt at a time per private state dir: apt-get takes the lists lock and fails at
+        # once ("Could not get lock") when another lab build (or a background kernel build
+        # thread of this process) runs apt there; flock waits instead
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".luoagent-apt.lock", "w") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if check and proc.returncode != 0:
             raise LabBuildError(
                 f"{tool} {' '.join(args)} failed (exit {proc.returncode}) using the private apt "
@@ -258,7 +266,7 @@ class AptContext:
         missing = [(spec, fn) for spec, fn, size in files
                    if not ((dest / fn).is_file() and (dest / fn).stat().st_size == size)]
         if missing:
-            tmp = dest / f".download-{os.getpid()}"
+            tmp = dest / f".download-{os.getpid()}-{threading.get_ident()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
