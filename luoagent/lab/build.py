@@ -70,6 +70,22 @@ class Lab:
     selftests: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _accel: str | None = field(default=None, repr=False)
+    #: flavour -> (root image, shim) for flavours other than the default, built on first use
+    _flavours: dict[str, tuple[Path, Path]] = field(default_factory=dict, repr=False)
+
+    def flavour_rootfs(self, flavour: str, progress: Progress | None = None) -> tuple[Path, Path]:
+        """(root image, cffi shim for its python3) of rootfs ``flavour`` (built and cached on demand)."""
+        if flavour == rootfs.DEFAULT_FLAVOUR:
+            return self.root_image, self.shim
+        if flavour not in self._flavours:
+            fl = rootfs.flavour(flavour)
+            started = time.monotonic()
+            tree = rootfs.build_tree(progress, fl)
+            image = rootfs.build_image(tree, progress, fl)
+            shim = rootfs.build_shim(tree, progress, _kernel_headers(self.kernel))
+            self.timings[f"rootfs_{flavour}"] = time.monotonic() - started
+            self._flavours[flavour] = (image, shim)
+        return self._flavours[flavour]
 
     def to_json(self) -> dict:
         return {"kernel": str(self.kernel), "qemu": str(self.qemu), "tree": str(self.tree),
@@ -128,13 +144,16 @@ class Lab:
             extras.update(kernels)
             first = (group[0].kernel_files or ["bzImage"])[0]
             boot_kernel = kernels.get(first, self.kernel)
-            progress.phase(f"run: {', '.join(i.name for i in group)}")
-            run_image = boot.make_run_disk(sub, kernel=self.kernel, shim=self.shim, items=group,
-                                           debug=debug, extra_dirs=extras)
-            chains.append(boot.run_chain(qemu=self.qemu, kernel=boot_kernel, root_image=self.root_image,
+            flavour = group[0].flavour
+            root_image, shim = self.flavour_rootfs(flavour, progress)
+            progress.phase(f"run: {', '.join(i.name for i in group)}"
+                           + ("" if flavour == rootfs.DEFAULT_FLAVOUR else f" ({flavour})"))
+            run_image = boot.make_run_disk(sub, kernel=self.kernel, shim=shim, items=group,
+                                           debug=debug, extra_dirs=extras, flavour=flavour)
+            chains.append(boot.run_chain(qemu=self.qemu, kernel=boot_kernel, root_image=root_image,
                                          run_image=run_image, items=group, memory=memory,
                                          console_log=sub / "console.log", progress=progress, echo=echo,
-                                         accel=self.accelerator(progress)))
+                                         accel=self.accelerator(progress), flavour=flavour))
             run_image.unlink(missing_ok=True)
         progress.done()
         if len(chains) > 1:  # one console file for the whole run, in order
