@@ -37,8 +37,9 @@ def kernel_cmdline(extra: str = "", flavour: str | None = None) -> str:
     base = (f"console=ttyS0 root=/dev/vda rw rootfstype=ext4 init={fl.init} "
             "liveupdate=on kho=on panic=-1")
     if fl.name == "systemd":
-        # errors only on the console: the KTAP stream stays readable, a failing unit still shows
-        base += " systemd.show_status=error"
+        # status lines only for errors, and no colours or terminal escapes (TERM reaches PID 1
+        # from the command line): the KTAP stream stays readable, a failing unit still shows
+        base += " systemd.show_status=error TERM=dumb"
     return f"{base} {extra}".strip()
 
 

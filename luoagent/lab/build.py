@@ -13,7 +13,7 @@ from pathlib import Path
 
 from luoagent.report import Progress
 from luoagent.errors import LabBuildError, LuoAgentError, UsageError
-from luoagent.lab import boot, cache, guest, rootfs
+from luoagent.lab import boot, cache, guest, resources, rootfs
 from luoagent.lab import kernel as kernel_mod
 from luoagent.lab import selftests as st
 from luoagent.lab.scenarios import resolve
@@ -140,6 +140,8 @@ class Lab:
             sub = run_dir if n == 0 else run_dir / f"vm{n}"
             sub.mkdir(exist_ok=True)
             extras = self._extras(group)
+            if group[0].flavour == "systemd":  # installed by the VM as a host's package would
+                extras["units"] = resources.shipped_units()
             kernels = self._stage_kernels(group, progress)
             extras.update(kernels)
             first = (group[0].kernel_files or ["bzImage"])[0]
@@ -230,13 +232,14 @@ class Lab:
             extras["linux-guest"] = _build_linux_guest()
         return extras
 
-    def shell(self, memory: str = "1G") -> int:
+    def shell(self, memory: str = "1G", flavour: str = rootfs.DEFAULT_FLAVOUR) -> int:
         """Boot the lab VM with its serial console on this terminal (runner starts a shell)."""
+        root_image, shim = self.flavour_rootfs(flavour)
         run_dir = boot.new_run_dir()
-        run_image = boot.make_run_disk(run_dir, kernel=self.kernel, shim=self.shim, items=[], debug={},
-                                       extra_dirs=self._extras([]), shell=True)
-        argv = boot.qemu_argv(self.qemu, self.kernel, self.root_image, run_image, memory,
-                              boot.kernel_cmdline(), interactive=True, accel=self.accelerator())
+        run_image = boot.make_run_disk(run_dir, kernel=self.kernel, shim=shim, items=[], debug={},
+                                       extra_dirs=self._extras([]), shell=True, flavour=flavour)
+        argv = boot.qemu_argv(self.qemu, self.kernel, root_image, run_image, memory,
+                              boot.kernel_cmdline("", flavour), interactive=True, accel=self.accelerator())
         print("lab shell: serial console on this terminal; Ctrl-A X quits QEMU, `exit` powers off",
               file=sys.stderr)
         try:

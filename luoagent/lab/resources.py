@@ -21,6 +21,12 @@ INIT_SCRIPT = LAB_DIR / "init"
 #: the systemd flavour's stage launcher and the unit that starts it on every boot
 SYSTEMD_STAGE = LAB_DIR / "systemd-stage"
 SYSTEMD_STAGE_UNIT = LAB_DIR / "luoagent-lab-stage.service"
+SYSTEMD_RUN_DISK_UNIT = LAB_DIR / "luoagent-lab-run-disk.service"
+
+
+def shipped_units() -> Path:
+    """The repository's systemd units (`systemd/`), which the systemd lab installs as a host would."""
+    return require(PACKAGE_DIR.parent / "systemd", "the shipped systemd units (systemd/ of a checkout)")
 
 
 def csrc_dir() -> Path:

@@ -29,16 +29,29 @@ TREE_RECIPE_VERSION = "1"
 #: the systemd flavour: where its stage launcher and unit live inside the image
 SYSTEMD_STAGE_PATH = "/usr/lib/luoagent-lab/stage"
 SYSTEMD_STAGE_UNIT = "luoagent-lab-stage.service"
-#: units a lab boot never needs; masked (-> /dev/null) so systemd boots fast. The serial getty
-#: would fight the runner for ttyS0; timers, network and login services only cost boot time.
+#: the systemd flavour's unit that mounts the run disk on /lab early (before local-fs.target)
+SYSTEMD_RUN_DISK_UNIT = "luoagent-lab-run-disk.service"
+#: units a lab boot never needs; masked (-> /dev/null) in the image so systemd boots fast. The
+#: serial getty would fight the runner for ttyS0; logins, timers, network, kernel modules (no
+#: kmod here), first-boot and catalog work only cost boot time under TCG. journald, sysusers,
+#: tmpfiles, sysctl and remount-fs stay: a host has them.
 SYSTEMD_MASKED = (
-    "getty@tty1.service", "serial-getty@ttyS0.service", "getty.target", "timers.target",
+    "getty@tty1.service", "serial-getty@ttyS0.service", "getty.target", "autovt@.service",
+    "systemd-logind.service", "systemd-logind-varlink.socket", "systemd-user-sessions.service",
+    "timers.target", "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
+    "e2scrub_all.timer", "fstrim.timer", "systemd-tmpfiles-clean.timer", "man-db.timer",
     "systemd-networkd.service", "systemd-networkd.socket", "systemd-networkd-wait-online.service",
-    "systemd-resolved.service", "systemd-timesyncd.service", "systemd-logind.service",
-    "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
-    "fstrim.timer", "systemd-tmpfiles-clean.timer", "systemd-firstboot.service",
-    "systemd-hwdb-update.service", "ldconfig.service", "systemd-update-utmp.service",
-    "systemd-update-utmp-runlevel.service", "systemd-pstore.service", "man-db.timer",
+    "systemd-networkd-varlink.socket", "systemd-networkd-varlink-metrics.socket",
+    "systemd-resolved.service", "systemd-timesyncd.service", "systemd-hostnamed.socket",
+    "modprobe@.service", "kmod-static-nodes.service", "systemd-firstboot.service",
+    "systemd-hwdb-update.service", "ldconfig.service", "systemd-journal-catalog-update.service",
+    "systemd-machine-id-commit.service", "systemd-update-done.service", "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service", "systemd-pstore.service", "systemd-random-seed.service",
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-hibernate-clear.service",
+    "systemd-ask-password-wall.path", "systemd-ask-password-console.path", "systemd-ask-password.socket",
+    "systemd-creds.socket", "systemd-factory-reset.socket", "systemd-mute-console.socket",
+    "systemd-sysext.socket", "systemd-sysinstall.socket", "sys-fs-fuse-connections.mount",
+    "sys-kernel-config.mount", "sys-kernel-tracing.mount", "dev-mqueue.mount",
 )
 
 
@@ -103,7 +116,7 @@ def tree_key(fl: Flavour | None = None) -> str:
     return cache.inputs_hash(
         TREE_RECIPE_VERSION, fl.name, fl.suite,
         RECIPE_DIR / f"{fl.recipe}-packages.txt", RECIPE_DIR / f"{fl.recipe}-apt.txt",
-        RECIPE_DIR / "rootfs-wheels.txt", *SYSTEMD_MASKED,
+        RECIPE_DIR / "rootfs-wheels.txt",
     )
 
 
@@ -190,24 +203,34 @@ def build_tree(progress: Progress | None = None, fl: Flavour | None = None) -> P
                 progress.phase("rootfs: python wheels", note=" ".join(wheels))
                 _install_wheels(tree, wheels, log)
             _finish_tree(tree)
-            if fl.name == "systemd":
-                _trim_systemd(tree)
             (tmp / "SUITE").write_text(fl.suite + "\n")
             (tmp / "FLAVOUR").write_text(fl.name + "\n")
     return art.path / "tree"
 
 
 def _trim_systemd(tree: Path) -> None:
-    """Mask what a lab boot never needs (SYSTEMD_MASKED) and let a kexec follow boot at once."""
+    """Mask exactly SYSTEMD_MASKED (masks of an earlier list are removed first)."""
     etc = tree / "etc/systemd/system"
     etc.mkdir(parents=True, exist_ok=True)
+    for link in etc.iterdir():
+        if link.is_symlink() and os.readlink(link) == "/dev/null":
+            link.unlink()
     for unit in SYSTEMD_MASKED:
         link = etc / unit
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to("/dev/null")
-    # no machine-id: systemd would run first-boot logic; an empty file makes it a transient one
+    # an empty machine-id: a transient one per boot, no first-boot logic
     (tree / "etc/machine-id").write_text("")
+
+
+def _enable(tree: Path, unit: str, target: str) -> None:
+    wants = tree / "etc/systemd/system" / f"{target}.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / unit
+    if not link.is_symlink():
+        link.symlink_to(f"/etc/systemd/system/{unit}")
+
 
 def _install_wheels(tree: Path, wheels: list[str], log: Path) -> None:
     import sys
@@ -258,8 +281,9 @@ def build_image(tree: Path, progress: Progress | None = None, fl: Flavour | None
     if fl.name == DEFAULT_FLAVOUR:
         key = cache.inputs_hash(str(tree), tree.parent.name, INIT_SOURCE)
     else:
-        key = cache.inputs_hash(str(tree), tree.parent.name, fl.name, resources.require(
-            resources.SYSTEMD_STAGE, "the systemd lab's stage launcher"), resources.SYSTEMD_STAGE_UNIT)
+        key = cache.inputs_hash(str(tree), tree.parent.name, fl.name, *SYSTEMD_MASKED,
+                                resources.require(resources.SYSTEMD_STAGE, "the systemd lab's stage launcher"),
+                                resources.SYSTEMD_STAGE_UNIT, resources.SYSTEMD_RUN_DISK_UNIT)
     art = cache.Artifact("rootfs-image", key)
     image = art / "rootfs.ext4"
     if image.exists():
@@ -274,11 +298,10 @@ def build_image(tree: Path, progress: Progress | None = None, fl: Flavour | None
             _install(resources.SYSTEMD_STAGE, tree / SYSTEMD_STAGE_PATH.lstrip("/"), 0o755)
             unit_dir = tree / "etc/systemd/system"
             _install(resources.SYSTEMD_STAGE_UNIT, unit_dir / SYSTEMD_STAGE_UNIT, 0o644)
-            wants = unit_dir / "multi-user.target.wants"
-            wants.mkdir(parents=True, exist_ok=True)
-            link = wants / SYSTEMD_STAGE_UNIT
-            if not link.is_symlink():
-                link.symlink_to(f"/etc/systemd/system/{SYSTEMD_STAGE_UNIT}")
+            _install(resources.SYSTEMD_RUN_DISK_UNIT, unit_dir / SYSTEMD_RUN_DISK_UNIT, 0o644)
+            _enable(tree, SYSTEMD_STAGE_UNIT, "multi-user.target")
+            _enable(tree, SYSTEMD_RUN_DISK_UNIT, "local-fs.target")
+            _trim_systemd(tree)
         size_mb = _tree_mb(tree) * 13 // 10 + 256
         cache.require_space(art.kind_dir, size_mb * 1_000_000, "the lab rootfs image")
         with art.build(replace=True) as tmp:

@@ -1,6 +1,7 @@
 """Lab tier for the systemd flavour (Debian sid, systemd 262 as PID 1): the stage runs as a unit,
-the runner kexecs with `systemctl kexec`, and a bystander unit's fd-store memfd crosses that
-kexec through systemd's own LUO use with identical bytes (scenario systemd-bystander).
+the runner kexecs with `systemctl kexec`, a bystander unit's fd-store memfd crosses that kexec
+through systemd's own LUO use with identical bytes, and the shipped luoagent.service, installed
+as a package would, comes up at boot by itself (scenario systemd-host).
 
 Every check runs inside the lab VM; this file reads its KTAP results by name."""
 
@@ -10,8 +11,9 @@ import pytest
 
 from luoagent.lab import boot, rootfs
 from luoagent.lab import bystander as by
+from luoagent.lab import host_units as hu
 from luoagent.lab.scenarios import resolve
-from luoagent.lab.scenarios import systemd_bystander as sc
+from luoagent.lab.scenarios import systemd_host as sc
 
 # --- pure logic (no VM) -------------------------------------------------------------------
 def test_flavours_never_share_a_boot_chain():
@@ -41,7 +43,7 @@ def test_flavours_have_their_own_tree_and_the_trixie_key_is_unchanged():
 def run(lab):
     """One boot chain for every check below: 2 boots, 1 systemctl kexec."""
     result = lab.run([sc.NAME])
-    print(f"systemd-bystander: {result.duration:.1f} s wall, {result.boots} boots; timings "
+    print(f"{sc.NAME}: {result.duration:.1f} s wall, {result.boots} boots; timings "
           + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     return result
 
@@ -78,6 +80,16 @@ def test_bystander_fd_store_memfd_survives_the_kexec(run):
     _ok(run, by.PUSHED)
     _ok(run, by.HANDED_BACK)
     _ok(run, by.BYTES_INTACT)
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_shipped_units_run_as_on_a_host(run):
+    _ok(run, hu.INSTALLED)
+    _ok(run, hu.SERVICE_UP)
+    _ok(run, hu.UP_AT_BOOT)
+    _ok(run, hu.SERVICE_UP_AFTER)
 
 
 @pytest.mark.lab

@@ -1,10 +1,13 @@
-"""Lab scenario systemd-bystander: the systemd flavour itself (systemd 262 as PID 1, the stage as a
-unit, `systemctl kexec`) and systemd's own LUO use: a unit's fd-store memfd across that kexec.
+"""Lab scenario systemd-host: the systemd flavour itself (systemd 262 as PID 1, the stage as a unit,
+`systemctl kexec`), systemd's own LUO use (a unit's fd-store memfd across that kexec) and the
+repository's units installed and run as on a host.
 
-Stage 1: systemd is PID 1; a bystander unit (FileDescriptorStoreMax=1, FileDescriptorStorePreserve=yes)
-pushes a 1 MiB random memfd (FDSTORE=1, FDNAME, FDPOLL=0); the runner loads the lab kernel with
-kexec_file_load and runs `systemctl kexec`. Stage 2: KHO says it came through a KHO kexec, and
-the unit, started again, is handed the memfd back under the same FDNAME with identical bytes."""
+Stage 1: systemd is PID 1; the shipped units are installed and luoagent.service enabled and
+started; a bystander unit (FileDescriptorStoreMax=1, FileDescriptorStorePreserve=yes) pushes a
+1 MiB random memfd (FDSTORE=1, FDNAME, FDPOLL=0); the runner loads the lab kernel with
+kexec_file_load and runs `systemctl kexec`. Stage 2: KHO says it came through a KHO kexec;
+luoagent.service came up at boot by itself; the bystander, started again, is handed the memfd
+back under the same FDNAME with identical bytes."""
 
 from __future__ import annotations
 
@@ -12,13 +15,15 @@ import os
 import subprocess
 from pathlib import Path
 
-from luoagent.lab import bystander
+from luoagent.lab import bystander, host_units
 from luoagent.lab.scenarios._common import check_new_boot
 
-NAME = "systemd-bystander"
-DESCRIPTION = "systemd 262 as PID 1: stage unit, systemctl kexec, a unit's fd-store memfd kept via LUO"
+NAME = "systemd-host"
+DESCRIPTION = ("systemd 262 as PID 1: stage unit, systemctl kexec, a unit's fd-store memfd kept via LUO, "
+               "the shipped luoagent.service")
 MEMORY = "1G"
 FLAVOUR = "systemd"
+SLOW = True
 TIMEOUT = 240.0
 
 PID1_SYSTEMD = "PID 1 is systemd 262 ({when})"
@@ -43,12 +48,15 @@ def check_systemd(ctx, when: str) -> None:
 def stage_before(ctx) -> None:
     check_systemd(ctx, BEFORE)
     ctx.state["boot_id"] = ctx.boot_id
+    host_units.install_and_start(ctx)
     bystander.start_and_check_pushed(ctx)
 
 
 def stage_after(ctx) -> None:
     check_new_boot(ctx, ctx.state)
     check_systemd(ctx, AFTER)
+    host_units.check_started_at_boot(ctx)
+    host_units.check_serving(ctx, host_units.SERVICE_UP_AFTER)
     bystander.check_after_kexec(ctx)
 
 
