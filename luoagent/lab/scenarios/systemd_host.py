@@ -43,6 +43,10 @@ def check_systemd(ctx, when: str) -> None:
     cgroup = Path(f"/proc/{os.getpid()}/cgroup").read_text()
     ctx.check("luoagent-lab-stage.service" in cgroup, STAGE_AS_UNIT.format(when=when), f"cgroup: {cgroup.strip()}")
     ctx.diag(f"{first}; uptime at stage start {Path('/proc/uptime').read_text().split()[0]} s")
+    for args in (["time"], ["blame"]):  # where the boot's time went, as systemd measured it
+        out = subprocess.run(["systemd-analyze", *args], capture_output=True, text=True)
+        ctx.diag("systemd-analyze " + " ".join(args) + ": "
+                 + " | ".join(line.strip() for line in (out.stdout or out.stderr).splitlines()[:8]))
 
 
 def stage_before(ctx) -> None:
