@@ -169,6 +169,9 @@ class UpdateRequest:
     #: awaited with the result document just before the kexec instead of printing it (the
     #: daemon: it returns once its clients have the result, or after a short timeout)
     announce: object = None
+    #: the daemon's workflows.fd_store.FdStore: every session made is pushed into systemd's
+    #: fd store right away and removed from it on rollback (None: the CLI, no store)
+    fd_store: object = None
 
 
 @dataclass
@@ -416,6 +419,11 @@ class _Update:
             self._run_doctor_checks()
             targets = discover(self.req.vms, self.req.vm_root)
             self.work = [VmWork(target=t, session_name=mf.vm_session_name(t.name)) for t in targets]
+            if self.req.fd_store is not None and "luo" not in self.skip:
+                try:
+                    self.req.fd_store.check_room(len(self.work) + 1)
+                except LuoAgentError as exc:
+                    raise UpdateError(str(exc), step="preflight") from None
             if "luo" not in self.skip:
                 # only a check: the device is a singleton (systemd and other tools open it
                 # too), so it is opened again only for the moment sessions are created
@@ -510,6 +518,7 @@ class _Update:
                         self.journal.record_session(w.session_name)
                         with LiveUpdate.open() as lu:  # open only while creating the session
                             w.session = lu.create_session(w.session_name)
+                        self._keep(w.session)
                         for i, (b, fd) in enumerate(zip(w.backends, w.ram_fds)):
                             t0 = time.monotonic()
                             w.session.preserve(fd, mf.ram_token(i))
@@ -518,6 +527,12 @@ class _Update:
                     exc.vm = w.name  # type: ignore[attr-defined]
                     raise
                 await testmode.pause("preserve-ram", w.name)
+
+    def _keep(self, session) -> None:
+        """A copy in systemd's fd store (daemon under systemd): a crash of the daemon then
+        leaves the session to the next daemon start, which closes it (rollback) and removes it."""
+        if self.req.fd_store is not None:
+            self.req.fd_store.push(session)
 
     # -- QUIESCE (parallel) --------------------------------------------------------------
     async def _quiesce_all(self) -> None:
@@ -631,6 +646,7 @@ class _Update:
                 self.journal.record_session(mf.MANIFEST_SESSION)
                 with LiveUpdate.open() as lu:  # open only while creating the session
                     self.manifest_session = lu.create_session(mf.MANIFEST_SESSION)
+                self._keep(self.manifest_session)
                 self.manifest_session.preserve(self.manifest_fd, mf.MANIFEST_TOKEN)
 
     # -- REBOOT --------------------------------------------------------------------------
@@ -674,13 +690,20 @@ class _Update:
             for w, r in zip(self.work, results):
                 if isinstance(r, BaseException):
                     problems.append(f"VM {w.name} may still be stopped: {r}")
-            # sessions: closing an outgoing session unpreserves its files
+            # sessions: closing an outgoing session unpreserves its files (once the copy in
+            # systemd's fd store, if any, is removed too)
             for s in [w.session for w in self.work] + [self.manifest_session]:
                 if s is not None:
                     try:
                         s.close()
                     except Exception as exc:
                         problems.append(f"closing session {s!r}: {exc}")
+            if self.req.fd_store is not None:
+                for name in [w.session_name for w in self.work] + [mf.MANIFEST_SESSION]:
+                    try:
+                        self.req.fd_store.forget(name)
+                    except LuoAgentError as exc:
+                        problems.append(f"removing session {name} from the fd store: {exc}")
             for w in self.work:
                 w.session = None
                 for fd in w.ram_fds + ([w.vmstate_fd] if w.vmstate_fd >= 0 else []):
