@@ -152,3 +152,41 @@ def test_journal_resumes_only_in_the_same_boot(tmp_path, monkeypatch):
     assert again.entry("a") == {"step": "cont-issued"}
     monkeypatch.setattr(restore_journal, "boot_id", lambda: "another-boot")
     assert restore_journal.RestoreJournal.open(path).entry("a") is None
+
+
+# --- the orderly shutdown's share of the blackout ------------------------------------------------
+def test_kexec_request_memfd_round_trip():
+    from luoagent import manifest as mf
+
+    fd = mf.write_kexec_request_memfd(1_700_000_000_123_456_789)
+    try:
+        assert mf.read_kexec_request(fd) == 1_700_000_000_123_456_789
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)  # sealed: nobody changes it before the next boot reads it
+    finally:
+        os.close(fd)
+    other = memfd.create("luoagent-test-not-a-request", 8)
+    try:
+        assert mf.read_kexec_request(other) is None
+    finally:
+        os.close(other)
+
+
+def test_blackout_split_at_systemctl_kexec_and_boot():
+    from luoagent import manifest as mf
+    from luoagent.workflows import restore
+
+    s = 10**9
+    vm = mf.PreservedVm(name="a", binary="q", argv=[], qmp_socket="/x", ram=[], vmstate=mf.VmstateRecord(token=1, size=1),
+                        was_running=True, stopped_at_ns=100 * s, saved_at_ns=101 * s, qemu_version="", ram_bytes_copied=0)
+    out = restore.VmOutcome(name="a")
+    out.timings["restore_started_ns"] = 130 * s
+    out.blackout_parts = {"save": 1.0, "kexec_boot_and_agent_start": 29.0, "qemu_start": 0.5, "load_vmstate": 0.1,
+                          "cont": 0.01}
+    restore.split_kexec_share(out, vm, 103 * s, 120 * s)
+    assert list(out.blackout_parts.items()) == [
+        ("save", 1.0), ("until_systemctl_kexec", 2.0), ("orderly_shutdown_and_kexec", 17.0),
+        ("boot_and_agent_start", 10.0), ("qemu_start", 0.5), ("load_vmstate", 0.1), ("cont", 0.01)]
+    before = dict(out.blackout_parts)
+    restore.split_kexec_share(out, vm, None, 120 * s)  # direct reboot syscall: nothing to split
+    assert out.blackout_parts == before

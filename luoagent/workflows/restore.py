@@ -21,7 +21,7 @@ from pathlib import Path
 
 from luoagent import manifest as mf
 from luoagent import memfd, testmode
-from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client
+from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client, systemctl
 from luoagent.errors import (
     LuoAgentError,
     ManifestCorrupt,
@@ -285,8 +285,10 @@ async def start_incoming(
     log_path = vm_dir / "qemu.log"
     # `luoagent vm start` records argv without its -qmp; an adopted QEMU's argv has its own
     own_qmp = None if _has_qmp_on(argv, vm.qmp_socket) else vm.qmp_socket
-    note(step="qemu-starting", binary=binary, argv=argv, log=str(log_path))
-    proc = qemu_binary.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True)
+    unit = vmwf.qemu_unit(vm.name)  # under systemd: its own scope, never luoagent.service's cgroup
+    note(step="qemu-starting", binary=binary, argv=argv, log=str(log_path), unit=unit or "")
+    proc = qemu_binary.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True,
+                              scope_unit=unit)
     out.pid = proc.pid
     try:
         note(step="qemu-started", pid=proc.pid, pid_start=procfs.start_time(proc.pid))
@@ -346,7 +348,7 @@ async def start_incoming(
     }
     # runs `QEMU --version` and writes vm.json: off the event loop, other VMs may still be loading
     try:
-        await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path)
+        await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path, unit or "")
     except (OSError, LuoAgentError) as exc:
         out.ok = False
         raise RestoreError(
@@ -356,7 +358,8 @@ async def start_incoming(
         ) from None
 
 
-def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
+def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path,
+                unit: str = "") -> None:
     """Record the restored VM in the `luoagent vm` VM root so `luoagent vm list` shows it."""
     vmwf.register_restored(
         name=vm.name,
@@ -367,6 +370,7 @@ def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str],
         ram=[{"id": r.id, "size": r.size} for r in vm.ram],
         log=str(log_path),
         vm_root=vm_root,
+        unit=unit,
     )
 
 
@@ -564,6 +568,41 @@ def _check_ram_sample(vm: mf.PreservedVm, ram_fds: list[int], opts: RestoreOptio
                        f"({out.timings['ram_sample_ms_per_gib']:.1f} ms/GiB)")
 
 
+def _kexec_request(msession) -> int | None:
+    """When the old boot called `systemctl kexec` (its token in the manifest session), if it did."""
+    try:
+        fd = msession.retrieve(mf.KEXEC_REQUEST_TOKEN)
+    except LuoAgentError:
+        return None  # the direct reboot syscall, or a luoagent that did not record it
+    try:
+        return mf.read_kexec_request(fd)
+    finally:
+        os.close(fd)
+
+
+def _boot_started_ns() -> int:
+    """Realtime at which this kernel started (now minus CLOCK_BOOTTIME; the clock is set from
+    the RTC at boot, so good to about a second)."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def split_kexec_share(out: VmOutcome, vm: mf.PreservedVm, requested_ns: int | None, boot_ns: int) -> None:
+    """Split the blackout's "kexec_boot_and_agent_start" at the `systemctl kexec` call and at
+    this kernel's start: saved → call, orderly shutdown + kexec, boot + agent start."""
+    parts = out.blackout_parts
+    if not requested_ns or "kexec_boot_and_agent_start" not in parts or not vm.saved_at_ns:
+        return
+    start_ns = out.timings.get("restore_started_ns") or 0
+    split = {
+        "until_systemctl_kexec": round((requested_ns - vm.saved_at_ns) / 1e9, 3),
+        "orderly_shutdown_and_kexec": round((boot_ns - requested_ns) / 1e9, 3),
+        "boot_and_agent_start": round((start_ns - boot_ns) / 1e9, 3),
+    }
+    out.blackout_parts = {k: v for k, v in parts.items() if k == "save"}
+    out.blackout_parts.update(split)
+    out.blackout_parts.update({k: v for k, v in parts.items() if k not in ("save", "kexec_boot_and_agent_start")})
+
+
 class RestoreJob:
     """The restore state machine: manifest → per VM (in parallel, each as soon as its own
     memfds are retrieved) retrieve → QEMU → load → cont → finish → release → manifest released.
@@ -579,6 +618,8 @@ class RestoreJob:
         self.manifest: mf.Manifest | None = None
         self.outcomes: dict[str, VmOutcome] = {}
         self.rolling_back = False  # the daemon's status asks; a restore never rolls back
+        #: realtime of the old boot's `systemctl kexec` call (manifest session), or None
+        self.kexec_requested_ns: int | None = None
 
     # -- what the daemon's status shows ---------------------------------------------------
     def held_sessions(self) -> list[str]:
@@ -606,6 +647,7 @@ class RestoreJob:
             if self.source.has(mf.MANIFEST_SESSION):
                 self.source.release(mf.MANIFEST_SESSION)
             raise
+        self.kexec_requested_ns = _kexec_request(msession)
         del msession  # held by the source until released, last
         self.manifest = manifest
         self.journal = restore_journal.RestoreJournal.open(self.journal_path, kernel_from=manifest.kernel_from)
@@ -630,6 +672,8 @@ class RestoreJob:
             "kernel_now": os.uname().release,
             "seconds": round(time.monotonic() - t0, 4),
             "resumed_restore": self.journal.previous is not None,
+            "kexec_requested_ns": self.kexec_requested_ns,
+            "boot_started_ns": _boot_started_ns(),
             "vms": [o.__dict__ for o in outcomes],
         }
 
@@ -685,6 +729,7 @@ class RestoreJob:
             _check_ram_sample(vm, ram_fds, self.opts, out)
             mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
             await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, self.opts, out, note=note)
+            split_kexec_share(out, vm, self.kexec_requested_ns, _boot_started_ns())
             self.opts.reporter.log(f"{vm.name}: {out.status} (pid {out.pid}), blackout {out.blackout_ns / 1e9:.3f} s = "
                                    + " + ".join(f"{k} {s:.3f}" for k, s in out.blackout_parts.items()))
             await testmode.pause("restore-after-cont", vm.name)
@@ -767,6 +812,9 @@ class RestoreJob:
                 raise RestoreError(f"VM {vm.name}: the QEMU of the interrupted restore (pid "
                                    f"{', '.join(map(str, sorted(victims)))}) does not die; not starting a second one")
             await asyncio.sleep(0.05)
+        if entry.get("unit") and systemctl.booted():
+            # the scope may linger a moment after its process died: its name must be free
+            await asyncio.to_thread(systemctl.stop_unit, entry["unit"])
         return restore_journal.START
 
     async def _adopt(self, vm: mf.PreservedVm, entry: dict, out: VmOutcome) -> None:
@@ -793,7 +841,8 @@ class RestoreJob:
             if entry.get("argv"):
                 with contextlib.suppress(OSError, LuoAgentError):
                     await asyncio.to_thread(register_vm, self.opts.vm_root, vm, entry.get("binary", ""),
-                                            list(entry["argv"]), pid, Path(entry.get("log") or "/dev/null"))
+                                            list(entry["argv"]), pid, Path(entry.get("log") or "/dev/null"),
+                                            entry.get("unit") or "")
             session = self.source.retrieve_session(vm.session)
             await testmode.pause("restore-after-cont", vm.name)
             session.finish()

@@ -24,7 +24,7 @@ from pathlib import Path
 from luoagent import __version__, memfd
 from luoagent import manifest as mf
 from luoagent import testmode
-from luoagent.adapters import kexec, procfs
+from luoagent.adapters import kexec, procfs, systemctl
 from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
     LuoAgentError,
@@ -333,11 +333,20 @@ class _Update:
         #: name of the signal that interrupted this run ("" if none)
         self.interrupted = ""
         self.rolling_back = False
+        #: `systemctl kexec` was called: from now on a stop signal is the orderly shutdown
+        #: (no rollback); set when it arrives
+        self.kexec_requested_ns = 0
+        self.shutdown_signal = asyncio.Event()
 
     def interrupt(self, sig: int, task: asyncio.Future) -> None:
         """A rollback signal arrived: cancel the run once (it then rolls back)."""
         if self.interrupted or self.rolling_back:
             return  # never interrupt the rollback itself
+        if self.kexec_requested_ns:
+            self.progress.log(f"{signal.Signals(sig).name}: the orderly shutdown of `systemctl kexec` is under way: "
+                              "no rollback; systemd's fd store carries the sessions across the kexec")
+            self.shutdown_signal.set()
+            return
         self.interrupted = signal.Signals(sig).name
         self.progress.log(f"{self.interrupted} received at step {self.step}: rolling back")
         task.cancel()
@@ -379,6 +388,9 @@ class _Update:
                 return self._result("dry-run: everything reversible done, then rolled back")
             if self.req.announce is not None:
                 await self.req.announce(self._result("rebooting into the new kernel"))
+            self._reboot_checks()
+            if self._kexec_through_systemd():
+                return await self._systemctl_kexec()  # returns once the orderly shutdown stops us
             self._reboot()  # returns only by raising
             raise AssertionError("unreachable")  # pragma: no cover
         except BaseException as exc:
@@ -650,7 +662,34 @@ class _Update:
                 self.manifest_session.preserve(self.manifest_fd, mf.MANIFEST_TOKEN)
 
     # -- REBOOT --------------------------------------------------------------------------
-    def _reboot(self) -> None:
+    def _kexec_through_systemd(self) -> bool:
+        """`systemctl kexec` only when systemd's fd store holds the sessions: the orderly
+        shutdown stops every service and kills the rest, so a process holding them itself (the
+        CLI, a daemon without a store) would take them down with it; it reboots directly."""
+        return self.req.fd_store is not None and getattr(self.req.fd_store, "enabled", False)
+
+    async def _systemctl_kexec(self) -> dict:
+        self.step = "kexec-requested"
+        t = time.time_ns()
+        self.journal.record(step=self.step, kexec_requested_ns=t)
+        if self.manifest_session is not None:  # the orderly shutdown's start, for the next boot
+            fd = mf.write_kexec_request_memfd(t)
+            try:
+                self.manifest_session.preserve(fd, mf.KEXEC_REQUEST_TOKEN)
+            finally:
+                os.close(fd)
+        self.kexec_requested_ns = t
+        self.progress.note(f"systemctl kexec (preparation took {time.monotonic() - self.progress.started:.3f} s): "
+                           "orderly shutdown, then kexec of the loaded image")
+        try:
+            await asyncio.to_thread(systemctl.kexec)
+        except LuoAgentError:
+            self.kexec_requested_ns = 0  # nothing stopped: roll back with systemctl's reason
+            raise
+        await self.shutdown_signal.wait()
+        return self._result("kexec requested through systemctl; the orderly shutdown is under way")
+
+    def _reboot_checks(self) -> None:
         self.step = "reboot"
         if testmode.armed("reboot") and self.kexec_loaded:
             # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
@@ -663,6 +702,8 @@ class _Update:
                 "test mode (--test-mode): a kexec image is loaded, refusing to reboot; "
                 "test runs never kexec", step="reboot",
             )
+
+    def _reboot(self) -> None:
         result = self._result("rebooting into the new kernel")
         if self.req.announce is not None:
             pass  # announced by run() (the daemon's clients)
@@ -771,6 +812,8 @@ class _Update:
             "ok": True,
             "status": status,
             "dry_run": self.req.dry_run,
+            "kexec_via": "systemctl kexec" if self._kexec_through_systemd() else "reboot(LINUX_REBOOT_CMD_KEXEC)",
+            "kexec_requested_ns": self.kexec_requested_ns or None,
             "kernel": str(self.req.kernel),
             "kernel_version": self.kernel_release,
             "cmdline": self.cmdline,
