@@ -165,10 +165,9 @@ class Daemon:
         if "luo" in testmode.skipped():
             return False
         from luoagent.errors import LuoUnavailable, SessionAlreadyRetrieved, SessionNotFound
-        from luoagent.luo import LiveUpdate
 
         try:
-            with LiveUpdate.open() as lu:
+            with restorewf.open_device() as lu:
                 session = lu.retrieve_session(mf.MANIFEST_SESSION)
         except (LuoUnavailable, SessionNotFound):
             return False

@@ -24,6 +24,7 @@ from luoagent import memfd, testmode
 from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client, systemctl
 from luoagent.errors import (
     LuoAgentError,
+    LuoBusy,
     ManifestCorrupt,
     ManifestMissing,
     QmpCommandFailed,
@@ -488,6 +489,24 @@ def _check_rescue_owner(directory: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # where the incoming sessions come from
 # ---------------------------------------------------------------------------------------
+#: how long to wait for /dev/liveupdate while someone else (PID 1 at boot, systemd-shutdown)
+#: has it open for a moment
+DEVICE_BUSY_WAIT = 5.0
+
+
+def open_device() -> LiveUpdate:
+    """Open /dev/liveupdate, waiting up to DEVICE_BUSY_WAIT while it is busy (LuoBusy):
+    systemd opens it briefly too, e.g. at boot, just when the daemon starts."""
+    deadline = time.monotonic() + DEVICE_BUSY_WAIT
+    while True:
+        try:
+            return LiveUpdate.open()
+        except LuoBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 class SessionSource:
     """The incoming sessions of a restore: those systemd's fd store handed back (by name),
     else retrieved from /dev/liveupdate, opened only for that retrieve (PID 1 and
@@ -504,7 +523,7 @@ class SessionSource:
             return self.held[name]
         session = self.handed.pop(name, None)
         if session is None:
-            with LiveUpdate.open() as lu:
+            with open_device() as lu:
                 session = lu.retrieve_session(name)
             if self.fd_store is not None:
                 try:

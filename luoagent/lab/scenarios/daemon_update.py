@@ -31,7 +31,7 @@ NAME = "daemon-update"
 DESCRIPTION = "luoagent daemon holds the sessions: SIGKILL/SIGTERM recovered with real LUO, then a real kexec"
 MEMORY = "1G"
 SLOW = True
-TIMEOUT = 400.0
+TIMEOUT = 900.0  # per stage: 261 s alone for both stages, over 400 s for stage 1 at host load 9
 KEY = "daemon-update"
 OUT_DIR = Path("/lab/daemon-update")  # the run disk: survives the kexec
 
