@@ -1,11 +1,15 @@
 """Pure logic of the daemon's systemd side: FDNAME rule and map, BARRIER, the fd store's
 push/remove datagrams and room check (against a real datagram socket standing in for PID 1:
-protocol only, no proof of what systemd does), and the restore journal's replay rule for a
-daemon killed at each point of a restore (9–12 of issue 9)."""
+protocol only, no proof of what systemd does), the restore journal's replay rule for a
+daemon killed at each point of a restore (9–12 of issue 9), the blackout split at `systemctl
+kexec`, and the update's last step under the fd store (systemctl stands in: no systemd here)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import socket
 import threading
 
@@ -190,3 +194,65 @@ def test_blackout_split_at_systemctl_kexec_and_boot():
     before = dict(out.blackout_parts)
     restore.split_kexec_share(out, vm, None, 120 * s)  # direct reboot syscall: nothing to split
     assert out.blackout_parts == before
+
+
+# --- `systemctl kexec`: the update's last step under the fd store --------------------------------
+class _Store:
+    enabled = True
+
+    def __init__(self):
+        self.stored = {}
+
+
+def _update(tmp_path):
+    from luoagent.workflows import journal, update
+
+    u = update.job(update.UpdateRequest(kernel=tmp_path / "bzImage", fd_store=_Store(),
+                                        journal_path=tmp_path / "journal.json"))
+    u.journal = journal.Journal.begin("update", tmp_path / "journal.json")
+    return u
+
+
+def test_after_systemctl_kexec_a_sigterm_is_the_shutdown_not_a_rollback(tmp_path, monkeypatch):
+    from luoagent.adapters import systemctl
+
+    calls = []
+    monkeypatch.setattr(systemctl, "kexec", lambda: calls.append("systemctl kexec"))
+    u = _update(tmp_path)
+    assert u._kexec_through_systemd()
+
+    async def scenario():
+        task = asyncio.ensure_future(u._systemctl_kexec())
+        while not calls:
+            await asyncio.sleep(0.01)
+        u.interrupt(signal.SIGTERM, task)  # the orderly shutdown stops the daemon
+        return await asyncio.wait_for(task, 5)
+
+    result = asyncio.run(scenario())
+    assert result["status"].startswith("kexec requested through systemctl") and not u.interrupted
+    assert result["kexec_via"] == "systemctl kexec" and result["kexec_requested_ns"] == u.kexec_requested_ns > 0
+    doc = json.loads((tmp_path / "journal.json").read_text())
+    assert doc["step"] == "kexec-requested" and doc["kexec_requested_ns"] == u.kexec_requested_ns
+
+
+def test_a_failing_systemctl_kexec_rolls_back_with_its_reason(tmp_path, monkeypatch):
+    from luoagent.adapters import systemctl
+    from luoagent.errors import KexecError
+
+    def refuse():
+        raise KexecError("`systemctl kexec` failed (exit 1): Cannot find the ESP partition")
+
+    monkeypatch.setattr(systemctl, "kexec", refuse)
+    u = _update(tmp_path)
+    with pytest.raises(KexecError, match="exit 1"):
+        asyncio.run(u._systemctl_kexec())
+    assert u.kexec_requested_ns == 0  # a signal now is a rollback again
+
+
+def test_the_cli_and_a_daemon_without_store_reboot_directly(tmp_path):
+    from luoagent.workflows import update
+
+    assert not update.job(update.UpdateRequest(kernel=tmp_path / "k"))._kexec_through_systemd()
+    off = _Store()
+    off.enabled = False
+    assert not update.job(update.UpdateRequest(kernel=tmp_path / "k", fd_store=off))._kexec_through_systemd()

@@ -404,6 +404,10 @@ class Daemon:
             job.state = "failed"
         finally:
             job.ended_ns = time.time_ns()
+            if job.op == "restore":  # `systemctl status luoagent` tells how the boot restore went
+                vms = (job.result or {}).get("vms") or []
+                self._notify({"STATUS": f"serving {self.sock}; restore job {job.id} {job.state}: "
+                              f"{sum(1 for v in vms if v.get('ok'))} of {len(vms)} VMs restored"})
             final = job.final()
             for ch, req_id in job.subscribers:
                 ch.send({**final, "id": req_id, "job": job.id})

@@ -138,6 +138,8 @@ class VmOutcome:
     #: the guest ran in the new QEMU (cont answered, or it resumed by itself): from here on it
     #: is never started again, killed or written as a rescue image (its disks moved on)
     resumed: bool = False
+    #: the systemd scope its QEMU runs in ("" without systemd)
+    unit: str = ""
     timings: dict = field(default_factory=dict)
     blackout_parts: dict = field(default_factory=dict)
 
@@ -287,6 +289,7 @@ async def start_incoming(
     # `luoagent vm start` records argv without its -qmp; an adopted QEMU's argv has its own
     own_qmp = None if _has_qmp_on(argv, vm.qmp_socket) else vm.qmp_socket
     unit = vmwf.qemu_unit(vm.name)  # under systemd: its own scope, never luoagent.service's cgroup
+    out.unit = unit or ""
     note(step="qemu-starting", binary=binary, argv=argv, log=str(log_path), unit=unit or "")
     proc = qemu_binary.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True,
                               scope_unit=unit)
@@ -647,7 +650,7 @@ class RestoreJob:
 
     def status_vms(self) -> list[dict]:
         return [{"name": o.name, "pid": o.pid, "status": o.status, "ok": o.ok, "resumed": o.resumed,
-                 "action": o.timings.get("action", ""), "error": o.error}
+                 "unit": o.unit or None, "action": o.timings.get("action", ""), "error": o.error}
                 for o in self.outcomes.values()]
 
     def interrupt(self, sig: int, task: asyncio.Future) -> None:
@@ -843,6 +846,7 @@ class RestoreJob:
         out.resumed = True
         pid, q = await self._qemu_on_socket(vm)
         out.pid = pid or int(entry.get("pid") or 0)
+        out.unit = entry.get("unit") or ""
         try:
             if q is None:
                 raise RestoreError(f"VM {vm.name} was resumed by an interrupted restore and its QEMU (pid {out.pid}) "

@@ -388,8 +388,8 @@ class _Update:
                 return self._result("dry-run: everything reversible done, then rolled back")
             if self.req.announce is not None:
                 await self.req.announce(self._result("rebooting into the new kernel"))
-            self._reboot_checks()
             if self._kexec_through_systemd():
+                self._reboot_checks()
                 return await self._systemctl_kexec()  # returns once the orderly shutdown stops us
             self._reboot()  # returns only by raising
             raise AssertionError("unreachable")  # pragma: no cover
@@ -704,6 +704,7 @@ class _Update:
             )
 
     def _reboot(self) -> None:
+        self._reboot_checks()
         result = self._result("rebooting into the new kernel")
         if self.req.announce is not None:
             pass  # announced by run() (the daemon's clients)
