@@ -19,6 +19,9 @@ SCHEMA_VERSION = (1, 1)  # 1.1: the QEMU's uid/gid, ram_blocks_in_stream_bytes, 
 #: well-known session that carries the manifest across kexec, and the manifest's token in it
 MANIFEST_SESSION = "luoagent"
 MANIFEST_TOKEN = 0
+#: in the manifest session too: when `systemctl kexec` was called (realtime ns, 8 bytes LE,
+#: sealed), so the next boot can tell the orderly shutdown's share of the blackout
+KEXEC_REQUEST_TOKEN = 1
 #: tokens inside a VM session: RAM backends 1..N in backend order, vmstate at a fixed token
 VMSTATE_TOKEN = 0x1000
 VM_SESSION_PREFIX = "luoagent/vm/"
@@ -340,6 +343,28 @@ def write_sealed_memfd(manifest: Manifest) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def write_kexec_request_memfd(realtime_ns: int) -> int:
+    """A sealed 8-byte memfd holding ``realtime_ns`` (KEXEC_REQUEST_TOKEN); caller owns it."""
+    fd = os.memfd_create("luoagent-kexec-request", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, int(realtime_ns).to_bytes(8, "little"))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_kexec_request(fd: int) -> int | None:
+    """The realtime written by write_kexec_request_memfd, or None if the fd is not one."""
+    try:
+        if not is_sealed(fd) or os.fstat(fd).st_size != 8:
+            return None
+        return int.from_bytes(os.pread(fd, 8, 0), "little")
+    except OSError:
+        return None
 
 
 def read_memfd(fd: int) -> Manifest:

@@ -13,7 +13,10 @@ upgrade-hold[:VM] (held there up to 30 s, for a signal sent to luoagent midway),
 QEMU is SIGKILLed once it holds the whole device state). A bare point fires for every VM.
 Pause points (LUOAGENT_PAUSE=POINT[:VM], for tests that kill the agent there with a real
 signal): after-preflight, preserve-ram[:VM], quiesce-migrating[:VM] (migration in flight),
-after-quiesce, after-manifest; LUOAGENT_PAUSE_SECONDS bounds the wait (default: forever)."""
+after-quiesce, after-manifest; the restore's restore-after-manifest (manifest read, journal open),
+restore-after-retrieve[:VM] (its memfds retrieved, no QEMU yet), restore-after-qemu-start[:VM]
+(QEMU answers QMP, vmstate not loaded) and restore-after-cont[:VM] (cont answered, session not
+finished); LUOAGENT_PAUSE_SECONDS bounds the wait (default: forever)."""
 
 from __future__ import annotations
 

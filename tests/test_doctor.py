@@ -150,4 +150,5 @@ def test_doctor_warns_when_no_daemon_runs_and_about_restore_without_fd_store(tmp
     c = doctor.check_daemon(tmp_path / "control.sock")
     assert c.ok and c.name == "agent-daemon"  # informational: never the reason an update is refused
     assert "WARNING: no luoagent daemon serves" in c.detail and "luoagent recover" in c.detail
-    assert "during `luoagent restore` loses the RAM" in c.detail
+    assert "during the restore after a kexec loses the RAM" in c.detail
+    assert "does not run systemd" in c.detail and "luoagent.service" in c.fix  # this machine: no systemd

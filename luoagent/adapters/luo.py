@@ -383,3 +383,31 @@ class LiveUpdate(_OwnedFd):
         raw = validate_name(name)
         fd = _call("retrieve_session", lib.luo_retrieve_session, self.fileno(), raw, name=name, incoming=True)
         return Session(fd, name, incoming=True)
+
+
+#: a token luoagent never preserves (its tokens are 0, 1..N and 0x1000): RETRIEVE_FD of it
+#: tells the session's direction without touching any preserved file
+PROBE_TOKEN = TOKEN_MAX
+
+
+def adopt_session(fd: int) -> Session:
+    """A Session for an LUO session fd this process got from elsewhere (systemd's fd store).
+
+    GET_NAME works on either kind of session (the kernel's answer, not a file name); the
+    direction comes from RETRIEVE_FD of PROBE_TOKEN, which the kernel type-checks first
+    (luo_session.c): an outgoing session answers EINVAL, an incoming one (retrieved after
+    kexec, finished or not) looks the token up and answers ENOENT. The caller gives ``fd``
+    over to the Session. Not a session fd at all: LuoIoctlError (ENOTTY/EINVAL)."""
+    fd = _validate_fd(fd)
+    buf = ffi.new("char[]", lib.LUO_SESSION_NAME_LENGTH)
+    _call("get_name", lib.luo_get_name, fd, buf, fd=fd)
+    name = ffi.string(buf).decode("utf-8", errors="surrogateescape")
+    ret = lib.luo_retrieve_fd(fd, PROBE_TOKEN)
+    if ret >= 0:  # a foreign session that preserved this very token: it is incoming
+        os.close(ret)
+        return Session(fd, name, incoming=True)
+    if -ret == E.ENOENT:
+        return Session(fd, name, incoming=True)
+    if -ret == E.EINVAL:
+        return Session(fd, name, incoming=False)
+    raise luo_error("retrieve", -ret, name=name, token=PROBE_TOKEN)

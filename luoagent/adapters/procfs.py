@@ -112,6 +112,16 @@ def pid_alive(pid: int, proc: Path = Path("/proc")) -> bool:
         return False
 
 
+def start_time(pid: int, proc: Path = Path("/proc")) -> int:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): with the pid it
+    names one process for this boot, even after the pid is reused; 0 if it is gone."""
+    try:
+        with open(proc / str(pid) / "stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def peer_pid(sock_path: Path, timeout: float = 5.0) -> int:
     """PID of the process serving a unix socket (SO_PEERCRED), i.e. the QEMU behind a QMP socket."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from luoagent.adapters import private_files, procfs
+from luoagent.adapters import private_files, procfs, systemctl
 from luoagent.adapters.qmp_client import Qmp, run_sync
 from luoagent.errors import QemuError, QemuNotFound, QmpCommandFailed, QmpUnreachable, UntrustedBinary
 
@@ -84,6 +84,7 @@ def launch(
     *,
     daemon: bool = False,
     fd_map: dict[int, int] | None = None,
+    scope_unit: str | None = None,
 ) -> subprocess.Popen:
     """Start ``binary argv...`` with ``pass_fds`` inherited at the same numbers.
 
@@ -91,12 +92,14 @@ def launch(
     on the same RAM needs the memfd where ``mem-path=/proc/self/fd/N`` points);
     ``qmp_socket`` adds ``-qmp unix:PATH,server=on,wait=off`` (a stale socket file is removed);
     ``log`` receives QEMU's stdout+stderr; ``daemon`` puts it in its own session so it
-    outlives the caller."""
+    outlives the caller; ``scope_unit`` runs it in that transient systemd scope (its own
+    cgroup; `systemd-run --scope` execs QEMU itself, so the pid and the fds stay)."""
+    prefix = systemctl.scope_prefix(scope_unit) if scope_unit else []
     if fd_map:
         with _placed_fds(fd_map) as (keep, preexec):
             return _launch(binary, argv, [*pass_fds, *keep], qmp_socket, log, daemon=daemon,
-                           _preexec=preexec)
-    return _launch(binary, argv, pass_fds, qmp_socket, log, daemon=daemon)
+                           _preexec=preexec, prefix=prefix)
+    return _launch(binary, argv, pass_fds, qmp_socket, log, daemon=daemon, prefix=prefix)
 
 
 @contextlib.contextmanager
@@ -135,8 +138,9 @@ def _placed_fds(fd_map: dict[int, int]):
                 os.close(fd)
 
 
-def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=None) -> subprocess.Popen:
-    full = [str(binary), *argv]
+def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=None,
+            prefix: Sequence[str] = ()) -> subprocess.Popen:
+    full = [*prefix, str(binary), *argv]
     if qmp_socket is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp_socket)

@@ -1,5 +1,5 @@
 """systemd's service notification protocol, written here (it is small): sd_notify datagrams
-to $NOTIFY_SOCKET (READY=1, STATUS=, STOPPING=1, FDSTORE=1 with SCM_RIGHTS) and $LISTEN_FDS.
+to $NOTIFY_SOCKET (READY=1, STATUS=, STOPPING=1, FDSTORE=1 with SCM_RIGHTS, BARRIER=1) and $LISTEN_FDS.
 
 No policy: callers decide what to announce. Without $NOTIFY_SOCKET every call is a no-op
 that returns False (not under systemd). Protocol facts: docs/facts.md "systemd"."""
@@ -7,12 +7,40 @@ that returns False (not under systemd). Protocol facts: docs/facts.md "systemd".
 from __future__ import annotations
 
 import os
+import select
 import socket
 
 from luoagent.errors import DaemonError
 
 #: the first fd systemd passes (sd_listen_fds(3))
 LISTEN_FDS_START = 3
+#: systemd's fdname_is_valid(): at most 255 characters
+FDNAME_MAX = 255
+
+
+def active() -> bool:
+    """True when a service manager listens ($NOTIFY_SOCKET is set)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
+def fd_store_max() -> int:
+    """The unit's FileDescriptorStoreMax= as systemd passes it in $FDSTORE (0: no fd store)."""
+    try:
+        return int(os.environ.get("FDSTORE") or 0)
+    except ValueError:
+        raise DaemonError(f"$FDSTORE={os.environ.get('FDSTORE')!r} is not a number") from None
+
+
+def check_fdname(name: str) -> str:
+    """``name`` if systemd accepts it as an FDNAME (printable ASCII except ':', at most 255
+    characters, as its fdname_is_valid() checks); DaemonError naming the offence otherwise."""
+    bad = sorted({c for c in name if not " " <= c <= "~" or c == ":"})
+    if bad or not name or len(name) > FDNAME_MAX:
+        why = (f"has {', '.join(repr(c) for c in bad)}" if bad else
+               "is empty" if not name else f"is {len(name)} characters (at most {FDNAME_MAX})")
+        raise DaemonError(f"{name!r} cannot be an fd-store name (FDNAME): it {why}; systemd takes "
+                          "printable ASCII without ':'")
+    return name
 
 
 def _address() -> str | None:
@@ -49,7 +77,7 @@ def notify(fields: dict[str, str | int], fds: list[int] | None = None) -> bool:
 
 def store_fd(fd: int, name: str, *, poll: bool = False) -> bool:
     """Push ``fd`` into the unit's fd store under ``name`` (FDPOLL=0 unless ``poll``)."""
-    fields: dict[str, str | int] = {"FDSTORE": 1, "FDNAME": name}
+    fields: dict[str, str | int] = {"FDSTORE": 1, "FDNAME": check_fdname(name)}
     if not poll:
         fields["FDPOLL"] = 0
     return notify(fields, [fd])
@@ -57,7 +85,28 @@ def store_fd(fd: int, name: str, *, poll: bool = False) -> bool:
 
 def remove_fd(name: str) -> bool:
     """Drop every fd stored under ``name`` from the unit's fd store."""
-    return notify({"FDSTOREREMOVE": 1, "FDNAME": name})
+    return notify({"FDSTOREREMOVE": 1, "FDNAME": check_fdname(name)})
+
+
+def barrier(timeout: float = 5.0) -> bool:
+    """Wait until the manager has processed every notification sent before (BARRIER=1 with
+    the write end of a pipe, alone in its datagram: the manager closes it once it got there).
+    DaemonError on timeout; False when not under systemd."""
+    if _address() is None:
+        return False
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            notify({"BARRIER": 1}, [w])
+        finally:
+            os.close(w)
+        poller = select.poll()
+        poller.register(r, select.POLLHUP)
+        if not poller.poll(int(timeout * 1000)):
+            raise DaemonError(f"the service manager did not answer BARRIER=1 within {timeout:g} s")
+    finally:
+        os.close(r)
+    return True
 
 
 def listen_fds(unset: bool = True) -> dict[str, list[int]]:

@@ -24,15 +24,22 @@ from luoagent.lab.ktap import KtapStream, ScenarioResult, TestResult, to_junit
 from luoagent.lab.scenarios import ScenarioInfo
 
 BOOT_TIMEOUT = 120.0       # QEMU start / kexec -> the runner's "lab-boot" line
+#: the same for the systemd flavour: an orderly shutdown and a systemd boot under TCG
+SYSTEMD_BOOT_TIMEOUT = 300.0
 BOOKKEEPING_TIMEOUT = 60.0  # between a stage's end and the next event (kexec load, finish)
 EXIT_TIMEOUT = 30.0        # "lab-done" -> QEMU gone
 TAIL_LINES = 50
 KEEP_RUNS = 10
 
 
-def kernel_cmdline(extra: str = "") -> str:
-    base = (f"console=ttyS0 root=/dev/vda rw rootfstype=ext4 init={rootfs.INIT_PATH} "
+def kernel_cmdline(extra: str = "", flavour: str | None = None) -> str:
+    fl = rootfs.flavour(flavour)
+    base = (f"console=ttyS0 root=/dev/vda rw rootfstype=ext4 init={fl.init} "
             "liveupdate=on kho=on panic=-1")
+    if fl.name == "systemd":
+        # status lines only for errors, and no colours or terminal escapes (TERM reaches PID 1
+        # from the command line): the KTAP stream stays readable, a failing unit still shows
+        base += " systemd.show_status=error TERM=dumb"
     return f"{base} {extra}".strip()
 
 
@@ -157,6 +164,7 @@ class RunItem:
     steps: list[dict] | None = None
     kernels: tuple[str, ...] | None = None      # kernel series per stage (scenario KERNELS)
     kernel_files: list[str] | None = None       # run-disk paths per stage, filled by Lab.run
+    flavour: str = rootfs.DEFAULT_FLAVOUR        # rootfs flavour (FLAVOUR of the scenario)
 
     def params(self) -> dict:
         d = {"kind": self.kind, "name": self.name}
@@ -171,7 +179,7 @@ class RunItem:
     @classmethod
     def from_scenario(cls, info: ScenarioInfo, timeout: float | None = None) -> "RunItem":
         return cls("scenario", info.name, info.memory, timeout or info.timeout, module=info.module,
-                   kernels=info.kernels)
+                   kernels=info.kernels, flavour=info.flavour)
 
 
 def new_run_dir() -> Path:
@@ -197,7 +205,8 @@ def _owner_alive(run_name: str) -> bool:
 
 
 def make_run_disk(run_dir: Path, *, kernel: Path, shim: Path, items: list[RunItem], debug: dict,
-                  extra_dirs: dict[str, Path] | None = None, shell: bool = False) -> Path:
+                  extra_dirs: dict[str, Path] | None = None, shell: bool = False,
+                  flavour: str = rootfs.DEFAULT_FLAVOUR) -> Path:
     """Build the per-run ext4 disk: agent + shim, kexec kernel, params.json, extras (seconds)."""
     staging = run_dir / "disk"
     staging.mkdir()
@@ -218,7 +227,7 @@ def make_run_disk(run_dir: Path, *, kernel: Path, shim: Path, items: list[RunIte
             shutil.copyfile(src, staging / name)
             shutil.copymode(src, staging / name)
     params = {"items": [i.params() for i in items], "debug": debug, "kernel": "bzImage",
-              "shell": shell, "created": time.time()}
+              "shell": shell, "created": time.time(), "flavour": flavour}
     (staging / "params.json").write_text(json.dumps(params, indent=1))
     size_mb = _dir_mb(staging) * 2 + 64
     image = run_dir / "run.ext4"
@@ -256,12 +265,16 @@ def _reader(stream, q: queue.Queue) -> None:
 def run_chain(*, qemu: Path, kernel: Path, root_image: Path, run_image: Path, items: list[RunItem],
               memory: str, console_log: Path, cmdline_extra: str = "",
               progress: Progress | None = None, echo=None, accel: str = "tcg",
-              boot_timeout: float = BOOT_TIMEOUT) -> tuple[KtapStream, list[str], list[str], dict]:
+              boot_timeout: float | None = None,
+              flavour: str = rootfs.DEFAULT_FLAVOUR) -> tuple[KtapStream, list[str], list[str], dict]:
     """Boot one VM, run ``items`` through its kexec chain; returns (ktap, console lines, errors, timings).
 
     Raises LabBootError (with the console tail) if the runner never came up."""
     progress = progress or Progress(quiet=True)
-    argv = qemu_argv(qemu, kernel, root_image, run_image, memory, kernel_cmdline(cmdline_extra), accel=accel)
+    argv = qemu_argv(qemu, kernel, root_image, run_image, memory, kernel_cmdline(cmdline_extra, flavour),
+                     accel=accel)
+    hop_timeout = SYSTEMD_BOOT_TIMEOUT if flavour == "systemd" else BOOT_TIMEOUT
+    boot_timeout = boot_timeout or hop_timeout
     (console_log.parent / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
     timeouts = {i.name: i.timeout for i in items}
     ktap = KtapStream()
@@ -315,7 +328,7 @@ def run_chain(*, qemu: Path, kernel: Path, root_image: Path, run_image: Path, it
                     deadline = now + BOOKKEEPING_TIMEOUT
                 elif marker.kind == "lab-stage":
                     stage_name = marker.rest.split(" ")[0]
-                    limit = timeouts.get(stage_name, BOOT_TIMEOUT)
+                    limit = timeouts.get(stage_name, hop_timeout)
                     waiting_for = f"stage {marker.rest.split(' ')[1]} of {stage_name} ({limit:.0f}s limit)"
                     deadline = now + limit
                     progress.update(note=f"{stage_name} stage {marker.rest.split(' ')[1]}")
@@ -324,7 +337,7 @@ def run_chain(*, qemu: Path, kernel: Path, root_image: Path, run_image: Path, it
                     deadline = now + BOOKKEEPING_TIMEOUT
                 elif marker.kind == "lab-kexec":
                     waiting_for = "the kexec'd kernel to boot and start the runner"
-                    deadline = now + BOOT_TIMEOUT
+                    deadline = now + hop_timeout
                     progress.update(note=f"kexec {marker.rest.split(' ')[0]}")
                 elif marker.kind == "lab-done":
                     waiting_for = "QEMU to exit after the runner finished"
@@ -385,10 +398,10 @@ def bzimage_release(path: Path) -> str:
 
 
 def group_by_memory(items: list[RunItem]) -> list[tuple[str, list[RunItem]]]:
-    """Consecutive runs of equal MEMORY share one VM boot chain, order preserved."""
+    """Consecutive runs of equal MEMORY and flavour share one VM boot chain, order preserved."""
     groups: list[tuple[str, list[RunItem]]] = []
     for item in items:
-        if groups and groups[-1][0] == item.memory:
+        if groups and groups[-1][0] == item.memory and groups[-1][1][0].flavour == item.flavour:
             groups[-1][1].append(item)
         else:
             groups.append((item.memory, [item]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from luoagent.report import Progress
 from luoagent.errors import LabBuildError, LuoAgentError, UsageError
-from luoagent.lab import boot, cache, guest, rootfs
+from luoagent.lab import boot, cache, guest, resources, rootfs
 from luoagent.lab import kernel as kernel_mod
 from luoagent.lab import selftests as st
 from luoagent.lab.scenarios import resolve
@@ -70,6 +70,22 @@ class Lab:
     selftests: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _accel: str | None = field(default=None, repr=False)
+    #: flavour -> (root image, shim) for flavours other than the default, built on first use
+    _flavours: dict[str, tuple[Path, Path]] = field(default_factory=dict, repr=False)
+
+    def flavour_rootfs(self, flavour: str, progress: Progress | None = None) -> tuple[Path, Path]:
+        """(root image, cffi shim for its python3) of rootfs ``flavour`` (built and cached on demand)."""
+        if flavour == rootfs.DEFAULT_FLAVOUR:
+            return self.root_image, self.shim
+        if flavour not in self._flavours:
+            fl = rootfs.flavour(flavour)
+            started = time.monotonic()
+            tree = rootfs.build_tree(progress, fl)
+            image = rootfs.build_image(tree, progress, fl)
+            shim = rootfs.build_shim(tree, progress, _kernel_headers(self.kernel))
+            self.timings[f"rootfs_{flavour}"] = time.monotonic() - started
+            self._flavours[flavour] = (image, shim)
+        return self._flavours[flavour]
 
     def to_json(self) -> dict:
         return {"kernel": str(self.kernel), "qemu": str(self.qemu), "tree": str(self.tree),
@@ -124,17 +140,22 @@ class Lab:
             sub = run_dir if n == 0 else run_dir / f"vm{n}"
             sub.mkdir(exist_ok=True)
             extras = self._extras(group)
+            if group[0].flavour == "systemd":  # installed by the VM as a host's package would
+                extras["units"] = resources.shipped_units()
             kernels = self._stage_kernels(group, progress)
             extras.update(kernels)
             first = (group[0].kernel_files or ["bzImage"])[0]
             boot_kernel = kernels.get(first, self.kernel)
-            progress.phase(f"run: {', '.join(i.name for i in group)}")
-            run_image = boot.make_run_disk(sub, kernel=self.kernel, shim=self.shim, items=group,
-                                           debug=debug, extra_dirs=extras)
-            chains.append(boot.run_chain(qemu=self.qemu, kernel=boot_kernel, root_image=self.root_image,
+            flavour = group[0].flavour
+            root_image, shim = self.flavour_rootfs(flavour, progress)
+            progress.phase(f"run: {', '.join(i.name for i in group)}"
+                           + ("" if flavour == rootfs.DEFAULT_FLAVOUR else f" ({flavour})"))
+            run_image = boot.make_run_disk(sub, kernel=self.kernel, shim=shim, items=group,
+                                           debug=debug, extra_dirs=extras, flavour=flavour)
+            chains.append(boot.run_chain(qemu=self.qemu, kernel=boot_kernel, root_image=root_image,
                                          run_image=run_image, items=group, memory=memory,
                                          console_log=sub / "console.log", progress=progress, echo=echo,
-                                         accel=self.accelerator(progress)))
+                                         accel=self.accelerator(progress), flavour=flavour))
             run_image.unlink(missing_ok=True)
         progress.done()
         if len(chains) > 1:  # one console file for the whole run, in order
@@ -222,13 +243,14 @@ class Lab:
             extras["linux-guest"] = _build_linux_guest()
         return extras
 
-    def shell(self, memory: str = "1G") -> int:
+    def shell(self, memory: str = "1G", flavour: str = rootfs.DEFAULT_FLAVOUR) -> int:
         """Boot the lab VM with its serial console on this terminal (runner starts a shell)."""
+        root_image, shim = self.flavour_rootfs(flavour)
         run_dir = boot.new_run_dir()
-        run_image = boot.make_run_disk(run_dir, kernel=self.kernel, shim=self.shim, items=[], debug={},
-                                       extra_dirs=self._extras([]), shell=True)
-        argv = boot.qemu_argv(self.qemu, self.kernel, self.root_image, run_image, memory,
-                              boot.kernel_cmdline(), interactive=True, accel=self.accelerator())
+        run_image = boot.make_run_disk(run_dir, kernel=self.kernel, shim=shim, items=[], debug={},
+                                       extra_dirs=self._extras([]), shell=True, flavour=flavour)
+        argv = boot.qemu_argv(self.qemu, self.kernel, root_image, run_image, memory,
+                              boot.kernel_cmdline("", flavour), interactive=True, accel=self.accelerator())
         print("lab shell: serial console on this terminal; Ctrl-A X quits QEMU, `exit` powers off",
               file=sys.stderr)
         try:

@@ -35,6 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("build", help="build (or fetch from cache) kernel, rootfs, shim, guest, selftests")
     _common(p)
     p.add_argument("--no-selftests", action="store_true", help="do not build the kernel's LUO selftests")
+    p.add_argument("--flavour", choices=["custom-init", "systemd"], default="custom-init",
+                   help="also build this rootfs flavour (systemd: Debian sid, systemd 262 as PID 1)")
 
     p = sub.add_parser("run", help="run scenarios in the lab VM (real kexecs between stages)")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenario names (`luoagent lab list`)")
@@ -57,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("shell", help="boot the lab VM with its serial console on this terminal")
     _common(p)
     p.add_argument("--memory", default="1G", help="VM RAM (default 1G)")
+    p.add_argument("--flavour", choices=["custom-init", "systemd"], default="custom-init",
+                   help="rootfs flavour to boot (systemd: systemd 262 as PID 1)")
 
     p = sub.add_parser("list", help="list the lab scenarios")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -106,6 +110,8 @@ def run(args) -> int:
         return _demo(args)
     if action == "build":
         lab = _lab(args, selftests=not args.no_selftests)
+        if args.flavour != "custom-init":
+            lab.flavour_rootfs(args.flavour, _progress(args))
         if args.json:
             print(json.dumps({"ok": True, **lab.to_json()}, indent=1))
         else:
@@ -115,7 +121,7 @@ def run(args) -> int:
             print("timings     " + ", ".join(f"{k} {v:.1f}s" for k, v in lab.timings.items()))
         return 0
     if action == "shell":
-        return _lab(args, selftests=False).shell(memory=args.memory)
+        return _lab(args, selftests=False).shell(memory=args.memory, flavour=args.flavour)
     if action == "run":
         debug = parse_debug(args.debug)
         from luoagent.lab.scenarios import resolve

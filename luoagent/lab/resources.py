@@ -1,5 +1,5 @@
 """Where the lab finds what it builds from: kernel config fragments, rootfs recipes, guest sources,
-its PID 1 script and the C shim sources; all ship inside the installed package.
+its PID 1 script, the systemd flavour's stage unit and the C shim sources; all ship inside the installed package.
 
 A checkout and a wheel look the same from here: `luoagent/lab/{kernel-configs,vm-images,init}` are
 package data, and `csrc/` is installed as the data package `luoagent._csrc` (pyproject.toml)."""
@@ -18,6 +18,15 @@ KERNEL_CONFIGS = LAB_DIR / "kernel-configs"
 VM_IMAGES = LAB_DIR / "vm-images"
 GUEST_SOURCES = VM_IMAGES / "guest"
 INIT_SCRIPT = LAB_DIR / "init"
+#: the systemd flavour's stage launcher and the unit that starts it on every boot
+SYSTEMD_STAGE = LAB_DIR / "systemd-stage"
+SYSTEMD_STAGE_UNIT = LAB_DIR / "luoagent-lab-stage.service"
+SYSTEMD_RUN_DISK_UNIT = LAB_DIR / "luoagent-lab-run-disk.service"
+
+
+def shipped_units() -> Path:
+    """The repository's systemd units (`systemd/`), which the systemd lab installs as a host would."""
+    return require(PACKAGE_DIR.parent / "systemd", "the shipped systemd units (systemd/ of a checkout)")
 
 
 def csrc_dir() -> Path:

@@ -1,6 +1,7 @@
-"""The lab's Debian trixie root filesystem: a cached tree (debootstrap + backports QEMU) and its ext4 image.
+"""The lab's Debian root filesystems: cached trees (debootstrap + QEMU 11.1) and their ext4 images.
 
-Also the per-run "run disk" (agent code, shim, kernel, parameters) built with ``mke2fs -d`` in seconds."""
+Two flavours: trixie with the lab's own init as PID 1 (default), and sid with systemd 262 as
+PID 1; also the per-run "run disk" (agent code, shim, kernel, parameters) built in seconds."""
 
 from __future__ import annotations
 
@@ -25,6 +26,59 @@ INIT_PATH = "/sbin/luoagent-lab-init"
 RUN_MOUNT = "/lab"
 #: bump to force a rebuild of every tree when the build steps below change meaning
 TREE_RECIPE_VERSION = "1"
+#: the systemd flavour: where its stage launcher and unit live inside the image
+SYSTEMD_STAGE_PATH = "/usr/lib/luoagent-lab/stage"
+SYSTEMD_STAGE_UNIT = "luoagent-lab-stage.service"
+#: the systemd flavour's unit that mounts the run disk on /lab early (before local-fs.target)
+SYSTEMD_RUN_DISK_UNIT = "luoagent-lab-run-disk.service"
+#: units a lab boot never needs; masked (-> /dev/null) in the image so systemd boots fast. The
+#: serial getty would fight the runner for ttyS0; logins, timers, network, kernel modules (no
+#: kmod here), first-boot and catalog work only cost boot time under TCG. journald, sysusers,
+#: tmpfiles, sysctl and remount-fs stay: a host has them.
+SYSTEMD_MASKED = (
+    "getty@tty1.service", "serial-getty@ttyS0.service", "getty.target", "autovt@.service",
+    "systemd-logind.service", "systemd-logind-varlink.socket", "systemd-user-sessions.service",
+    "timers.target", "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
+    "e2scrub_all.timer", "fstrim.timer", "systemd-tmpfiles-clean.timer", "man-db.timer",
+    "systemd-networkd.service", "systemd-networkd.socket", "systemd-networkd-wait-online.service",
+    "systemd-networkd-varlink.socket", "systemd-networkd-varlink-metrics.socket",
+    "systemd-resolved.service", "systemd-timesyncd.service", "systemd-hostnamed.socket",
+    "modprobe@.service", "kmod-static-nodes.service", "systemd-firstboot.service",
+    "systemd-hwdb-update.service", "ldconfig.service", "systemd-journal-catalog-update.service",
+    "systemd-machine-id-commit.service", "systemd-update-done.service", "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service", "systemd-pstore.service", "systemd-random-seed.service",
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-hibernate-clear.service",
+    "systemd-ask-password-wall.path", "systemd-ask-password-console.path", "systemd-ask-password.socket",
+    "systemd-creds.socket", "systemd-factory-reset.socket", "systemd-mute-console.socket",
+    "systemd-sysext.socket", "systemd-sysinstall.socket", "sys-fs-fuse-connections.mount",
+    "sys-kernel-config.mount", "sys-kernel-tracing.mount", "dev-mqueue.mount",
+)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """How a lab rootfs is built and booted: its Debian suite, recipe files and PID 1."""
+    name: str
+    suite: str
+    recipe: str              # recipe file prefix in vm-images/ ("rootfs" -> rootfs-packages.txt ...)
+    backports: str | None    # suite the *-backports.txt packages come from (None: no such step)
+    init: str                # the kernel's init=
+
+
+FLAVOURS = {
+    "custom-init": Flavour("custom-init", SUITE, "rootfs", f"{SUITE}-backports", INIT_PATH),
+    "systemd": Flavour("systemd", "sid", "rootfs-systemd", None, "/lib/systemd/systemd"),
+}
+DEFAULT_FLAVOUR = "custom-init"
+
+
+def flavour(name: str | None) -> Flavour:
+    if name is None:
+        return FLAVOURS[DEFAULT_FLAVOUR]
+    try:
+        return FLAVOURS[name]
+    except KeyError:
+        raise LabBuildError(f"unknown lab flavour {name!r}; known: {', '.join(FLAVOURS)}") from None
 
 
 @dataclass(frozen=True)
@@ -50,11 +104,18 @@ def _recipe_lines(name: str) -> list[str]:
     return lines
 
 
-def tree_key() -> str:
+def tree_key(fl: Flavour | None = None) -> str:
+    fl = fl or flavour(None)
+    if fl.name == DEFAULT_FLAVOUR:  # unchanged inputs: the trixie tree already cached stays valid
+        return cache.inputs_hash(
+            TREE_RECIPE_VERSION, SUITE,
+            RECIPE_DIR / "rootfs-packages.txt", RECIPE_DIR / "rootfs-apt.txt",
+            RECIPE_DIR / "rootfs-backports.txt",
+            RECIPE_DIR / "rootfs-wheels.txt",
+        )
     return cache.inputs_hash(
-        TREE_RECIPE_VERSION, SUITE,
-        RECIPE_DIR / "rootfs-packages.txt", RECIPE_DIR / "rootfs-apt.txt",
-        RECIPE_DIR / "rootfs-backports.txt",
+        TREE_RECIPE_VERSION, fl.name, fl.suite,
+        RECIPE_DIR / f"{fl.recipe}-packages.txt", RECIPE_DIR / f"{fl.recipe}-apt.txt",
         RECIPE_DIR / "rootfs-wheels.txt",
     )
 
@@ -99,10 +160,11 @@ def _require_root(what: str) -> None:
         raise LabBuildError(f"{what} needs root (debootstrap and chroot); run as root")
 
 
-def build_tree(progress: Progress | None = None) -> Path:
-    """Return the cached trixie tree, building it (debootstrap + backports QEMU + wheels) if absent."""
+def build_tree(progress: Progress | None = None, fl: Flavour | None = None) -> Path:
+    """Return the cached tree of flavour ``fl`` (default: trixie), building it if absent."""
     progress = progress or Progress(quiet=True)
-    art = cache.Artifact("rootfs-tree", tree_key())
+    fl = fl or flavour(None)
+    art = cache.Artifact("rootfs-tree", tree_key(fl))
     if (art.path / "tree" / "usr/bin/qemu-system-x86_64").exists():
         return art.path / "tree"
     _require_root("building the lab rootfs")
@@ -114,30 +176,60 @@ def build_tree(progress: Progress | None = None) -> Path:
         with art.build(replace=True) as tmp:
             tree = tmp / "tree"
             log = tmp / "build.log"
-            packages = _recipe_lines("rootfs-packages.txt")
-            progress.phase("rootfs: debootstrap trixie", note=f"{len(packages)} extra packages")
+            packages = _recipe_lines(f"{fl.recipe}-packages.txt")
+            progress.phase(f"rootfs ({fl.name}): debootstrap {fl.suite}", note=f"{len(packages)} extra packages")
             _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages),
-                  SUITE, str(tree), mirror], log, "debootstrap of the lab rootfs")
-            progress.phase("rootfs: apt (python deps, backports QEMU)")
-            (tree / "etc/apt/sources.list.d/backports.list").write_text(
-                f"deb {mirror} {SUITE}-backports main\n")
+                  fl.suite, str(tree), mirror], log, f"debootstrap of the lab rootfs ({fl.suite})")
+            progress.phase(f"rootfs ({fl.name}): apt" + (f" (python deps, {fl.backports} QEMU)"
+                                                        if fl.backports else " (python deps, QEMU)"))
+            if fl.backports:
+                (tree / "etc/apt/sources.list.d/backports.list").write_text(f"deb {mirror} {fl.backports} main\n")
             (tree / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
             (tree / "usr/sbin/policy-rc.d").chmod(0o755)
-            extras = " ".join(_recipe_lines("rootfs-apt.txt"))
-            backports = " ".join(_recipe_lines("rootfs-backports.txt"))
-            _chroot(tree, f"apt-get update -q && apt-get install -y -q --no-install-recommends {extras} && "
-                          f"apt-get install -y -q --no-install-recommends "
-                          f"-t {SUITE}-backports {backports} && apt-get clean && "
-                          f"rm -rf /var/lib/apt/lists/*", log,
-                    "apt-get install in the rootfs chroot (python deps, QEMU from trixie-backports)")
+            extras = " ".join(_recipe_lines(f"{fl.recipe}-apt.txt"))
+            # sid's Release file is short-lived and mirrors may serve a frozen copy of it: keep the
+            # signature check, drop only the expiry check (trixie's stays as it is)
+            update = "apt-get update -q" + ("" if fl.backports else " -o Acquire::Check-Valid-Until=false")
+            script = f"{update} && apt-get install -y -q --no-install-recommends {extras}"
+            if fl.backports:
+                backports = " ".join(_recipe_lines(f"{fl.recipe}-backports.txt"))
+                script += (f" && apt-get install -y -q --no-install-recommends -t {fl.backports} "
+                           f"{backports}")
+            _chroot(tree, script + " && apt-get clean && rm -rf /var/lib/apt/lists/*", log,
+                    f"apt-get install in the {fl.suite} rootfs chroot (python deps, QEMU)")
             (tree / "usr/sbin/policy-rc.d").unlink()
             wheels = _recipe_lines("rootfs-wheels.txt")
             if wheels:
                 progress.phase("rootfs: python wheels", note=" ".join(wheels))
                 _install_wheels(tree, wheels, log)
             _finish_tree(tree)
-            (tmp / "SUITE").write_text(SUITE + "\n")
+            (tmp / "SUITE").write_text(fl.suite + "\n")
+            (tmp / "FLAVOUR").write_text(fl.name + "\n")
     return art.path / "tree"
+
+
+def _trim_systemd(tree: Path) -> None:
+    """Mask exactly SYSTEMD_MASKED (masks of an earlier list are removed first)."""
+    etc = tree / "etc/systemd/system"
+    etc.mkdir(parents=True, exist_ok=True)
+    for link in etc.iterdir():
+        if link.is_symlink() and os.readlink(link) == "/dev/null":
+            link.unlink()
+    for unit in SYSTEMD_MASKED:
+        link = etc / unit
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to("/dev/null")
+    # an empty machine-id: a transient one per boot, no first-boot logic
+    (tree / "etc/machine-id").write_text("")
+
+
+def _enable(tree: Path, unit: str, target: str) -> None:
+    wants = tree / "etc/systemd/system" / f"{target}.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / unit
+    if not link.is_symlink():
+        link.symlink_to(f"/etc/systemd/system/{unit}")
 
 
 def _install_wheels(tree: Path, wheels: list[str], log: Path) -> None:
@@ -179,32 +271,58 @@ def python_ext_suffix(tree: Path) -> str:
     raise LabBuildError(f"no Python headers in the lab rootfs tree {tree} (libpython3.13-dev missing)")
 
 
-def build_image(tree: Path, progress: Progress | None = None) -> Path:
-    """Return the cached ext4 image of ``tree`` with our init installed (mke2fs -d, no loop mount)."""
+def build_image(tree: Path, progress: Progress | None = None, fl: Flavour | None = None) -> Path:
+    """Return the cached ext4 image of ``tree`` with its PID 1 set up (mke2fs -d, no loop mount):
+    the lab init (custom-init flavour) or the stage launcher + unit (systemd flavour)."""
     progress = progress or Progress(quiet=True)
+    fl = fl or flavour(None)
     if not INIT_SOURCE.is_file():
         raise LabBuildError(f"the lab init script {INIT_SOURCE} is missing")
-    art = cache.Artifact("rootfs-image", cache.inputs_hash(str(tree), tree.parent.name, INIT_SOURCE))
+    if fl.name == DEFAULT_FLAVOUR:
+        key = cache.inputs_hash(str(tree), tree.parent.name, INIT_SOURCE)
+    else:
+        key = cache.inputs_hash(str(tree), tree.parent.name, fl.name, *SYSTEMD_MASKED,
+                                resources.require(resources.SYSTEMD_STAGE, "the systemd lab's stage launcher"),
+                                resources.SYSTEMD_STAGE_UNIT, resources.SYSTEMD_RUN_DISK_UNIT)
+    art = cache.Artifact("rootfs-image", key)
     image = art / "rootfs.ext4"
     if image.exists():
         return image
     with art.lock():
         if image.exists():
             return image
-        progress.phase("rootfs: ext4 image", note="mke2fs -d")
-        init_dst = tree / INIT_PATH.lstrip("/")
-        shutil.copyfile(INIT_SOURCE, init_dst)
-        init_dst.chmod(0o755)
+        progress.phase(f"rootfs ({fl.name}): ext4 image", note="mke2fs -d")
+        if fl.name == DEFAULT_FLAVOUR:
+            _install(INIT_SOURCE, tree / INIT_PATH.lstrip("/"), 0o755)
+        else:
+            _install(resources.SYSTEMD_STAGE, tree / SYSTEMD_STAGE_PATH.lstrip("/"), 0o755)
+            unit_dir = tree / "etc/systemd/system"
+            _install(resources.SYSTEMD_STAGE_UNIT, unit_dir / SYSTEMD_STAGE_UNIT, 0o644)
+            _install(resources.SYSTEMD_RUN_DISK_UNIT, unit_dir / SYSTEMD_RUN_DISK_UNIT, 0o644)
+            _enable(tree, SYSTEMD_STAGE_UNIT, "multi-user.target")
+            _enable(tree, SYSTEMD_RUN_DISK_UNIT, "local-fs.target")
+            _trim_systemd(tree)
         size_mb = _tree_mb(tree) * 13 // 10 + 256
         cache.require_space(art.kind_dir, size_mb * 1_000_000, "the lab rootfs image")
         with art.build(replace=True) as tmp:
             make_ext4(tree, tmp / "rootfs.ext4", size_mb, label="luoagent-root", log=tmp / "mke2fs.log")
-        # Older images (an earlier init or tree) are dead weight (~0.7 GB each). A QEMU still
-        # running from one keeps reading it after the unlink, so removing them is safe.
+            (tmp / "FLAVOUR").write_text(fl.name + "\n")
+        # Older images of this flavour (an earlier init or tree) are dead weight (~0.7 GB each).
+        # A QEMU still running from one keeps reading it after the unlink, so removing them is
+        # safe; images of the other flavour stay (images made before flavours have no FLAVOUR).
         for old in art.kind_dir.iterdir():
             if old.is_dir() and old.name != art.key and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+                marker = old / "FLAVOUR"
+                old_flavour = marker.read_text().strip() if marker.is_file() else DEFAULT_FLAVOUR
+                if old_flavour == fl.name:
+                    shutil.rmtree(old, ignore_errors=True)
     return image
+
+
+def _install(src: Path, dst: Path, mode: int) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    dst.chmod(mode)
 
 
 def _tree_mb(tree: Path) -> int:
@@ -224,9 +342,9 @@ def make_ext4(src_dir: Path, image: Path, size_mb: int, label: str, log: Path | 
          log, f"mke2fs of {image.name}")
 
 
-def build_rootfs(progress: Progress | None = None) -> Rootfs:
-    tree = build_tree(progress)
-    image = build_image(tree, progress)
+def build_rootfs(progress: Progress | None = None, fl: Flavour | None = None) -> Rootfs:
+    tree = build_tree(progress, fl)
+    image = build_image(tree, progress, fl)
     return Rootfs(tree=tree, image=image, python_tag=python_ext_suffix(tree), key=tree.parent.name)
 
 

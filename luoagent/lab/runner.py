@@ -239,12 +239,34 @@ class Runner:
         os.sync()
         from luoagent.adapters import kexec
 
-        emit(f"# lab-kexec-via: luoagent.adapters.kexec (kexec_file_load) {kernel}")
+        under_systemd = self.params.get("flavour") == "systemd"
+        via = "systemctl kexec" if under_systemd else "reboot(LINUX_REBOOT_CMD_KEXEC)"
+        emit(f"# lab-kexec-via: luoagent.adapters.kexec (kexec_file_load) {kernel}, then {via}")
         t0 = time.monotonic()
         kexec.load(Path(kernel), None, cmdline)
         emit(f"# lab-kexec-loaded: seconds={time.monotonic() - t0:.2f}")
-        kexec.reboot_kexec()
+        if under_systemd:
+            systemctl_kexec()
+        else:
+            kexec.reboot_kexec()
         raise RuntimeError(f"kexec returned (still holding {len(keep)} kept objects)")
+
+
+#: how long the runner waits for systemd's shutdown to stop it after `systemctl kexec`
+SHUTDOWN_WAIT = 300.0
+
+
+def systemctl_kexec() -> None:
+    """Ask systemd for the orderly kexec (image already loaded) and wait to be stopped by it."""
+    # said before the call: systemd's shutdown may stop this unit before systemctl returns
+    emit("# lab-shutdown: systemctl kexec")
+    done = subprocess.run(["systemctl", "kexec"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"systemctl kexec failed (exit {done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip()}")
+    time.sleep(SHUTDOWN_WAIT)  # systemd's SIGTERM ends this process on the way to the kexec
+    raise RuntimeError(f"systemctl kexec was accepted but systemd did not stop the runner in "
+                       f"{SHUTDOWN_WAIT:.0f} s")
 
 
 def _release(keep: list) -> None:

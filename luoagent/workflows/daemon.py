@@ -1,10 +1,13 @@
-"""Workflow `luoagent daemon`: the long-lived process that runs updates (and recovery) for the
-CLI's clients over the control socket, holds every LUO session fd and memfd an update makes.
+"""Workflow `luoagent daemon`: the long-lived process that runs updates, restores (and recovery)
+for the CLI's clients over the control socket, holds every LUO session fd and memfd they make.
 
 A client that dies changes nothing: the job is the daemon's, not the connection's; `luoagent
-status --follow` re-attaches. On start the daemon first undoes what an unfinished journal
-records (a daemon or CLI that was killed). SIGTERM/SIGINT/SIGHUP during an update roll it
-back, then the daemon exits. Protocol and status fields: docs/daemon.md."""
+status --follow` re-attaches. On start the daemon first takes back what systemd's fd store
+hands it (outgoing sessions of a daemon that died before the kexec: closed and removed, i.e.
+rolled back), undoes what an unfinished update journal records, serves, and then restores the
+VMs of the last kexec by itself when incoming sessions exist (from the fd store, else from
+/dev/liveupdate). SIGTERM/SIGINT/SIGHUP during an update roll it back, then the daemon exits.
+Protocol and status fields: docs/daemon.md."""
 
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from luoagent.adapters import control, sd_notify
 from luoagent.errors import DaemonError, LuoAgentError, UsageError
 from luoagent.log import get_logger
 from luoagent.report import Progress
-from luoagent.workflows import client, journal
+from luoagent import manifest as mf
+from luoagent.workflows import client, fd_store, journal
+from luoagent.workflows import restore as restorewf
 from luoagent.workflows import update as updatewf
 from luoagent.workflows import vm as vmwf
 
@@ -81,6 +86,7 @@ class Job:
     runner: object = None  # the update (updatewf.job) while it exists
     result: dict | None = None
     error: dict | None = None
+    vm_root: Path | None = None  # the VM root whose lock the job takes
     task: asyncio.Task | None = None
     #: set when a client acknowledged the announce of a real update (it printed the result)
     acked: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,6 +133,57 @@ class Daemon:
         self._stop = asyncio.Event()
         self.phase = "starting"
         self.stopping = ""
+        self.fd_store = fd_store.FdStore.from_environment()
+
+    def _take_back(self) -> dict:
+        """What the fd store handed back at start: outgoing sessions (a daemon died before the
+        kexec) are closed and removed, which rolls them back; incoming ones are returned."""
+        try:
+            handed = fd_store.take_listen_fds(self.fd_store)
+        except LuoAgentError as exc:
+            self.progress.log(f"fds passed by systemd not usable: {exc}")
+            return {}
+        for name in handed.foreign:
+            self.progress.note(f"fd store entry {name!r} is no LUO session: closed and removed")
+        for name, session in handed.outgoing.items():
+            self.progress.note(f"outgoing session {name} from a daemon that died before the kexec: closed and "
+                               "removed from the fd store (its files are unpreserved)")
+            session.close()
+            try:
+                self.fd_store.forget(name)
+            except LuoAgentError as exc:
+                self.progress.note(f"NOT UNDONE: removing {name} from the fd store: {exc}")
+        if handed.incoming:
+            self.progress.note("incoming sessions handed back by systemd: " + ", ".join(sorted(handed.incoming)))
+        return handed.incoming
+
+    def _incoming_manifest(self, incoming: dict) -> bool:
+        """Is there a restore to do? The manifest session handed back by systemd, else retrieved
+        from /dev/liveupdate (opened only for that; it joins ``incoming``)."""
+        if mf.MANIFEST_SESSION in incoming:
+            return True
+        if "luo" in testmode.skipped():
+            return False
+        from luoagent.errors import LuoUnavailable, SessionAlreadyRetrieved, SessionNotFound
+
+        try:
+            with restorewf.open_device() as lu:
+                session = lu.retrieve_session(mf.MANIFEST_SESSION)
+        except (LuoUnavailable, SessionNotFound):
+            return False
+        except SessionAlreadyRetrieved:
+            self.progress.note(f"session {mf.MANIFEST_SESSION!r} was already retrieved in this boot "
+                               "(an earlier restore): nothing to restore")
+            return False
+        except LuoAgentError as exc:
+            self.progress.log(f"cannot look for VMs to restore: {exc}")
+            return False
+        try:
+            self.fd_store.push(session)
+        except LuoAgentError as exc:
+            self.progress.log(f"manifest session not put into the fd store ({exc}); restoring anyway")
+        incoming[mf.MANIFEST_SESSION] = session
+        return True
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -134,11 +191,22 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         # before serving anyone: what an earlier daemon (or CLI run) left half done
         self.phase = "recovering"
+        self.progress.log(self.fd_store.describe())
+        incoming = self._take_back()
         await self._recover_at_start()
         server = await control.serve(self.sock, self._serve, allowed_uids={0, os.geteuid()})
         self.phase = "idle"
         self.progress.log(f"luoagent {__version__} daemon (pid {os.getpid()}) serving {self.sock}")
         self._notify({"READY": 1, "STATUS": f"serving {self.sock}"})  # Type=notify: up only now
+        if self._incoming_manifest(incoming):
+            self.progress.log("VMs preserved by the last kexec: restoring them (job 1; `luoagent status --follow`)")
+            self._start_restore({}, incoming)
+        elif incoming:
+            for name in sorted(incoming):
+                self.progress.note(f"incoming session {name} has no manifest to restore it by: released")
+                incoming[name].close()
+                with contextlib.suppress(LuoAgentError):
+                    self.fd_store.forget(name)
         try:
             await self._stop.wait()
         finally:
@@ -222,6 +290,13 @@ class Daemon:
             job = self._start_update(args)
             ch.send({"type": "accepted", "id": req_id, "job": job.id})
             job.attach(ch, req_id)
+        elif op == "restore":
+            if self.job is not None and self.job.op == "restore" and self.job.state == "running":
+                job = self.job  # the boot restore (or another client's): follow it
+            else:
+                job = self._start_restore(args, {})
+            ch.send({"type": "accepted", "id": req_id, "job": job.id})
+            job.attach(ch, req_id)
         elif op == "ack":
             if self.job is not None:
                 self.job.acked.set()
@@ -234,7 +309,7 @@ class Daemon:
                 self.phase = "idle"
             ch.send({"type": "result", "id": req_id, "result": out})
         else:
-            raise UsageError(f"unknown daemon operation {op!r} (status, follow, update, recover, ack)")
+            raise UsageError(f"unknown daemon operation {op!r} (status, follow, update, restore, recover, ack)")
 
     def _refuse_if_busy(self, what: str) -> None:
         if self.stopping:
@@ -262,6 +337,7 @@ class Daemon:
                 allow_loss=[str(v) for v in args.get("allow_loss") or []],
                 running_kernel=Path(args["running_kernel"]) if args.get("running_kernel") else None,
                 allow_unverified_kernel=bool(args.get("allow_unverified_kernel")),
+                fd_store=self.fd_store,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"update request is missing or has a bad field: {exc}") from None
@@ -270,6 +346,30 @@ class Daemon:
         req.progress = _Lines(job)
         req.announce = lambda result: self._announce(job, result)
         job.runner = updatewf.job(req)
+        job.vm_root = req.vm_root
+        self.job = job
+        job.task = asyncio.ensure_future(self._run_job(job))
+        return job
+
+    # -- restore --------------------------------------------------------------------------
+    def _start_restore(self, args: dict, incoming: dict) -> Job:
+        """The restore state machine as a daemon job, on the sessions systemd handed back
+        (``incoming``) or retrieved from /dev/liveupdate, each kept in the fd store."""
+        self._refuse_if_busy("restore")
+        try:
+            opts = restorewf.RestoreOptions(
+                qemu=args.get("qemu"),
+                vm_root=vmwf.vm_root(args.get("vm_root")),
+                rescue_dir=Path(args.get("rescue_dir") or restorewf.DEFAULT_RESCUE_DIR),
+                timeout=float(args.get("timeout") or 60.0),
+            )
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"restore request has a bad field: {exc}") from None
+        job = Job(id=self._next_id, op="restore", args=args)
+        self._next_id += 1
+        opts.progress = _Lines(job)
+        job.runner = restorewf.job(opts, restorewf.SessionSource(incoming, self.fd_store))
+        job.vm_root = opts.vm_root
         self.job = job
         job.task = asyncio.ensure_future(self._run_job(job))
         return job
@@ -286,14 +386,17 @@ class Daemon:
         try:
             # the same one-run-per-VM-root lock a CLI update takes: a daemon job and a direct
             # `luoagent update|restore|vm start` never touch the same VMs at once
-            with vmwf.agent_lock(job.runner.req.vm_root, "update"):
+            with vmwf.agent_lock(job.vm_root, job.op):
                 job.result = await job.runner.run()
             job.state = "done"
         except LuoAgentError as exc:
             job.error = _error_msg(exc)
             job.state = "failed"
         except asyncio.CancelledError:
-            job.error = {"error": "UpdateError", "message": "update cancelled (rolled back)", "exit_code": 1}
+            job.error = ({"error": "UpdateError", "message": "update cancelled (rolled back)", "exit_code": 1}
+                         if job.op == "update" else
+                         {"error": "RestoreError", "message": "restore stopped by a signal; the next daemon start "
+                          "finishes it (restore journal, fd store)", "exit_code": 1})
             job.state = "failed"
         except Exception as exc:  # a bug: the client must still get an answer
             log.exception("daemon.job_crashed", job=job.id)
@@ -301,6 +404,10 @@ class Daemon:
             job.state = "failed"
         finally:
             job.ended_ns = time.time_ns()
+            if job.op == "restore":  # `systemctl status luoagent` tells how the boot restore went
+                vms = (job.result or {}).get("vms") or []
+                self._notify({"STATUS": f"serving {self.sock}; restore job {job.id} {job.state}: "
+                              f"{sum(1 for v in vms if v.get('ok'))} of {len(vms)} VMs restored"})
             final = job.final()
             for ch, req_id in job.subscribers:
                 ch.send({**final, "id": req_id, "job": job.id})
@@ -316,11 +423,14 @@ class Daemon:
         else:
             phase = self.phase
         vms = []
-        if runner is not None:
+        if runner is not None and job.op == "restore":
+            vms = runner.status_vms()
+        elif runner is not None:
             for w in runner.work:
                 vms.append({"name": w.name, "pid": w.target.pid, "qmp_socket": str(w.target.qmp_socket),
                             "status_before": w.status_before, "was_running": w.was_running,
                             "stopped_by_update": w.stop_issued, "session": w.session_name if w.session else None})
+        direction = "incoming" if job is not None and job.op == "restore" else "outgoing"
         try:
             pending = journal.read()
         except LuoAgentError as exc:
@@ -334,8 +444,10 @@ class Daemon:
             "paused_at": testmode.paused_at or None,
             "job": job.summary() if job is not None else None,
             "vms": vms,
-            "sessions": [{"name": n, "direction": "outgoing"}
+            "sessions": [{"name": n, "direction": direction, "held_by": self.fd_store.where(n)}
                          for n in (runner.held_sessions() if running else [])],
+            "fd_store": {"enabled": self.fd_store.enabled, "capacity": self.fd_store.capacity,
+                         "stored": sorted(self.fd_store.stored)},
             "journal": pending,
         }
 

@@ -212,28 +212,41 @@ def check_qemu(explicit: str | None) -> list[Check]:
 
 def check_daemon(sock: Path | None = None) -> Check:
     """Informational (never fails the verdict): is a luoagent daemon serving, and what a crash
-    of the agent costs here."""
-    from luoagent.adapters import control
+    of the agent costs here (crash safety after the kexec needs systemd's fd store)."""
+    from luoagent.adapters import control, systemctl
     from luoagent.workflows import client
 
     sock = sock or client.socket_path()
-    restore_risk = ("without systemd's fd store (not supported yet) a crash of the agent during "
-                    "`luoagent restore` loses the RAM of every VM it had not started yet")
+    lossy = ("a crash of the agent during the restore after a kexec loses the RAM of every VM it had "
+             "not started yet (the kernel finishes a session whose last fd closes)")
+    fix = ("run the daemon as the shipped luoagent.service (systemd/luoagent.service: fd store with "
+           "FileDescriptorStorePreserve=yes) on a host booted with systemd >= 262")
+    if not systemctl.booted():
+        lossy = f"this host does not run systemd, so no fd store keeps the LUO sessions: {lossy}"
     try:
         c = control.Client.connect(sock, timeout=2.0)
     except errors.DaemonNotRunning:
         return Check("agent-daemon", True,
                      f"WARNING: no luoagent daemon serves {sock}: `luoagent update` then runs inside the CLI "
-                     "process (if that is killed, `luoagent recover` undoes it); start `luoagent daemon` so "
-                     f"updates survive their client; {restore_risk}")
+                     "process (if that is killed, `luoagent recover` undoes it) and restore too; "
+                     f"{lossy}", fix)
     except errors.LuoAgentError as exc:
-        return Check("agent-daemon", True, f"WARNING: {exc}; {restore_risk}")
+        return Check("agent-daemon", True, f"WARNING: {exc}; {lossy}", fix)
     try:
         pid = c.hello.get("pid")
+        c.send({"id": 1, "op": "status", "args": {}})
+        reply = c.recv() or {}
+        store = ((reply.get("result") or {}).get("fd_store") or {})
+    except errors.LuoAgentError:
+        store = {}
     finally:
         c.close()
-    return Check("agent-daemon", True, f"luoagent daemon pid {pid} serves {sock}: updates run there and "
-                 f"survive their client; WARNING: {restore_risk}")
+    if store.get("enabled"):
+        return Check("agent-daemon", True, f"luoagent daemon pid {pid} serves {sock} and keeps its LUO sessions in "
+                     f"systemd's fd store (FileDescriptorStoreMax={store.get('capacity')}): a crash of the agent "
+                     "during an update rolls back, during a restore the next start finishes it")
+    return Check("agent-daemon", True, f"luoagent daemon pid {pid} serves {sock}: updates run there and survive "
+                 f"their client; WARNING: the daemon has no fd store: {lossy}", fix)
 
 
 def gather(qemu: str | None = None, *, with_qemu: bool = True, with_daemon: bool = True) -> list[Check]:

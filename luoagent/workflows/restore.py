@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import stat
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from pathlib import Path
 
 from luoagent import manifest as mf
 from luoagent import memfd, testmode
-from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client
+from luoagent.adapters import cpr, private_files, procfs, qemu_binary, qemu_ram, qmp_client, systemctl
 from luoagent.errors import (
     LuoAgentError,
+    LuoBusy,
     ManifestCorrupt,
     ManifestMissing,
     QmpCommandFailed,
@@ -35,7 +37,7 @@ from luoagent.errors import (
 from luoagent.log import get_logger
 from luoagent.report import Progress
 from luoagent.luo import LiveUpdate
-from luoagent.workflows import ram_sample, summary
+from luoagent.workflows import ram_sample, restore_journal, summary
 from luoagent.workflows import vm as vmwf
 
 log = get_logger(__name__)
@@ -73,12 +75,32 @@ def run(args) -> int:
     if args.from_rescue:
         result = restore_from_rescue(Path(args.from_rescue), opts)
     else:
-        result = restore(opts)
+        result = _via_daemon(opts)
+        if result is None:
+            result = restore(opts)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         summary.restore_summary(result)
     return 0 if result["ok"] else 1
+
+
+def _via_daemon(opts: "RestoreOptions") -> dict | None:
+    """Run the restore in the luoagent daemon if one serves the control socket (it holds the
+    sessions, keeps them in systemd's fd store, and finishes the job if this command dies);
+    a restore it already runs (the one at boot) is followed. None when no daemon runs."""
+    from luoagent.errors import DaemonNotRunning
+    from luoagent.workflows import client
+
+    _check_timeout(opts)
+    request = {"qemu": opts.qemu, "vm_root": str(opts.vm_root.absolute()),
+               "rescue_dir": str(opts.rescue_dir.absolute()), "timeout": opts.timeout}
+    try:
+        return client.call("restore", request, label="restore")
+    except DaemonNotRunning as exc:
+        Progress("restore").log(f"{exc}: restoring in this process; if it dies, RAM not yet handed to a "
+                                "QEMU is lost (the daemon under systemd keeps it in the fd store)")
+        return None
 
 
 @dataclass
@@ -116,6 +138,8 @@ class VmOutcome:
     #: the guest ran in the new QEMU (cont answered, or it resumed by itself): from here on it
     #: is never started again, killed or written as a rescue image (its disks moved on)
     resumed: bool = False
+    #: the systemd scope its QEMU runs in ("" without systemd)
+    unit: str = ""
     timings: dict = field(default_factory=dict)
     blackout_parts: dict = field(default_factory=dict)
 
@@ -248,8 +272,12 @@ async def start_incoming(
     mem_paths: dict[str, str],
     opts: RestoreOptions,
     out: VmOutcome,
+    note=None,
 ) -> None:
-    """Start QEMU on the given RAM, load the vmstate, resume; fills ``out``."""
+    """Start QEMU on the given RAM, load the vmstate, resume; fills ``out``. ``note(**facts)``
+    journals each step before it happens (restore_journal: qemu-starting, qemu-started,
+    cont-issued, then resumed or loaded)."""
+    note = note or (lambda **facts: None)
     t_start = time.time_ns()
     binary = _binary(vm, opts)
     argv = qemu_ram.restore_argv(vm.argv, mem_paths)
@@ -260,9 +288,14 @@ async def start_incoming(
     log_path = vm_dir / "qemu.log"
     # `luoagent vm start` records argv without its -qmp; an adopted QEMU's argv has its own
     own_qmp = None if _has_qmp_on(argv, vm.qmp_socket) else vm.qmp_socket
-    proc = qemu_binary.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True)
+    unit = vmwf.qemu_unit(vm.name)  # under systemd: its own scope, never luoagent.service's cgroup
+    out.unit = unit or ""
+    note(step="qemu-starting", binary=binary, argv=argv, log=str(log_path), unit=unit or "")
+    proc = qemu_binary.launch(binary, argv, pass_fds=ram_fds, qmp_socket=own_qmp, log=log_path, daemon=True,
+                              scope_unit=unit)
     out.pid = proc.pid
     try:
+        note(step="qemu-started", pid=proc.pid, pid_start=procfs.start_time(proc.pid))
         q = await qmp_client.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
         try:
             out.timings["qemu_up_ns"] = time.time_ns()
@@ -272,6 +305,7 @@ async def start_incoming(
                 raise RestoreError(f"VM {vm.name}: restored QEMU runs as uid/gid {now[0]}:{now[1]}, "
                                    f"the old one ran as {vm.uid}:{vm.gid}; refusing to resume it")
             out.uid, out.gid = now
+            await testmode.pause("restore-after-qemu-start", vm.name)
             rfd = memfd.reopen(vmstate_fd, os.O_RDONLY)  # the fdset's access mode must match the load
             try:
                 await q.add_fd(rfd, INCOMING_FDSET, opaque=f"luoagent vmstate {vm.name}")
@@ -281,6 +315,7 @@ async def start_incoming(
             await cpr.load(q, f"file:/dev/fdset/{INCOMING_FDSET}", timeout=opts.timeout)
             out.timings["incoming_done_ns"] = time.time_ns()
             if vm.was_running and await q.status() != "running":
+                note(step="cont-issued")  # from here on this guest may run: never started again
                 try:
                     await q.cont()
                 except QmpCommandFailed:
@@ -289,6 +324,7 @@ async def start_incoming(
                     out.resumed = True  # no answer: it may run; never start it a second time
                     raise
             out.resumed = vm.was_running
+            note(step="resumed" if vm.was_running else "loaded")
             out.status = await q.status()
             out.timings["running_ns"] = time.time_ns()
             with contextlib.suppress(LuoAgentError):
@@ -316,7 +352,7 @@ async def start_incoming(
     }
     # runs `QEMU --version` and writes vm.json: off the event loop, other VMs may still be loading
     try:
-        await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path)
+        await asyncio.to_thread(register_vm, opts.vm_root, vm, binary, argv, proc.pid, log_path, unit or "")
     except (OSError, LuoAgentError) as exc:
         out.ok = False
         raise RestoreError(
@@ -326,7 +362,8 @@ async def start_incoming(
         ) from None
 
 
-def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path) -> None:
+def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str], pid: int, log_path: Path,
+                unit: str = "") -> None:
     """Record the restored VM in the `luoagent vm` VM root so `luoagent vm list` shows it."""
     vmwf.register_restored(
         name=vm.name,
@@ -337,6 +374,7 @@ def register_vm(vm_root: Path, vm: mf.PreservedVm, binary: str, argv: list[str],
         ram=[{"id": r.id, "size": r.size} for r in vm.ram],
         log=str(log_path),
         vm_root=vm_root,
+        unit=unit,
     )
 
 
@@ -452,13 +490,77 @@ def _check_rescue_owner(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# where the incoming sessions come from
+# ---------------------------------------------------------------------------------------
+#: how long to wait for /dev/liveupdate while someone else (PID 1 at boot, systemd-shutdown)
+#: has it open for a moment
+DEVICE_BUSY_WAIT = 5.0
+
+
+def open_device() -> LiveUpdate:
+    """Open /dev/liveupdate, waiting up to DEVICE_BUSY_WAIT while it is busy (LuoBusy):
+    systemd opens it briefly too, e.g. at boot, just when the daemon starts."""
+    deadline = time.monotonic() + DEVICE_BUSY_WAIT
+    while True:
+        try:
+            return LiveUpdate.open()
+        except LuoBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class SessionSource:
+    """The incoming sessions of a restore: those systemd's fd store handed back (by name),
+    else retrieved from /dev/liveupdate, opened only for that retrieve (PID 1 and
+    systemd-shutdown open it too). A session retrieved from the device goes into the fd store
+    at once (when the daemon has one), so a crash from then on keeps it."""
+
+    def __init__(self, handed: dict | None = None, fd_store=None):
+        self.handed = dict(handed or {})
+        self.fd_store = fd_store
+        self.held: dict[str, object] = {}
+
+    def retrieve_session(self, name: str):
+        if name in self.held:
+            return self.held[name]
+        session = self.handed.pop(name, None)
+        if session is None:
+            with open_device() as lu:
+                session = lu.retrieve_session(name)
+            if self.fd_store is not None:
+                try:
+                    self.fd_store.push(session)
+                except LuoAgentError as exc:  # the restore goes on; only crash safety is lost
+                    log.warning("restore.fd_store_push_failed", session=name, error=str(exc))
+        self.held[name] = session
+        return session
+
+    def has(self, name: str) -> bool:
+        return name in self.held or name in self.handed
+
+    def release(self, name: str) -> None:
+        """Close the session (an incoming session is finished by that) and drop its copy in
+        the fd store: once both are closed the kernel lets it go."""
+        session = self.held.pop(name, None) or self.handed.pop(name, None)
+        if session is not None:
+            session.close()
+        if self.fd_store is not None:
+            self.fd_store.forget(name)
+
+    def names(self) -> list[str]:
+        """Every session this source holds (retrieved, or handed back and not yet used)."""
+        return sorted({*self.held, *self.handed})
+
+
+# ---------------------------------------------------------------------------------------
 # the restore
 # ---------------------------------------------------------------------------------------
 def restore(opts: RestoreOptions | None = None) -> dict:
     opts = opts or RestoreOptions()
     _check_timeout(opts)
     with vmwf.agent_lock(opts.vm_root, "restore"):
-        return _restore(opts)
+        return asyncio.run(job(opts).run())
 
 
 def _check_timeout(opts: RestoreOptions) -> None:
@@ -466,26 +568,10 @@ def _check_timeout(opts: RestoreOptions) -> None:
         raise UsageError(f"--timeout {opts.timeout:g}: give the seconds each QEMU step may take, more than 0 (default 60)")
 
 
-def _restore(opts: RestoreOptions) -> dict:
-    t0 = time.monotonic()
-    lu = LiveUpdate.open()
-    try:
-        msession, manifest = retrieve_manifest(lu)
-        opts.reporter.log(f"manifest: schema {manifest.schema[0]}.{manifest.schema[1]}, {len(manifest.vms)} VM(s), "
-                   f"written by kernel {manifest.kernel_from}, now on {os.uname().release}")
-        outcomes = asyncio.run(_restore_all(lu, manifest, opts))
-    finally:
-        lu.close()
-    # the manifest session last: while VMs are still being handled it documents them
-    msession.close()  # closing a retrieved session finishes it
-    ok = all(o.ok for o in outcomes)
-    return {
-        "ok": ok,
-        "kernel_from": manifest.kernel_from,
-        "kernel_now": os.uname().release,
-        "seconds": round(time.monotonic() - t0, 4),
-        "vms": [o.__dict__ for o in outcomes],
-    }
+def job(opts: RestoreOptions, source: SessionSource | None = None, journal_path: Path | None = None) -> "RestoreJob":
+    """A restore to run in the caller's event loop (``await job.run()``); the daemon's boot
+    restore gives it the sessions systemd handed back and its fd store."""
+    return RestoreJob(opts, source or SessionSource(), journal_path)
 
 
 def _check_ram_sample(vm: mf.PreservedVm, ram_fds: list[int], opts: RestoreOptions, out: VmOutcome) -> None:
@@ -504,70 +590,293 @@ def _check_ram_sample(vm: mf.PreservedVm, ram_fds: list[int], opts: RestoreOptio
                        f"({out.timings['ram_sample_ms_per_gib']:.1f} ms/GiB)")
 
 
-async def _restore_all(lu, manifest: mf.Manifest, opts: RestoreOptions) -> list[VmOutcome]:
-    return list(await asyncio.gather(*(_restore_one(lu, vm, opts) for vm in manifest.vms)))
-
-
-async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcome:
-    out = VmOutcome(
-        name=vm.name,
-        was_running=vm.was_running,
-        vmstate_bytes=vm.vmstate.size,
-        ram_bytes=vm.ram_bytes,
-        ram_bytes_copied=vm.ram_bytes_copied,
-        ram_blocks_in_stream_bytes=vm.ram_blocks_in_stream_bytes,
-        no_guest_ram_block_in_stream=(None if vm.ram_blocks_in_stream_bytes < 0
-                                      else vm.ram_blocks_in_stream_bytes < min(r.size for r in vm.ram)),
-    )
-    session = None
-    ram_fds: list[int] = []
-    vmstate_fd = -1
+def _kexec_request(msession) -> int | None:
+    """When the old boot called `systemctl kexec` (its token in the manifest session), if it did."""
     try:
-        session = lu.retrieve_session(vm.session)
-        for r in vm.ram:
-            fd = session.retrieve(r.token)
-            ram_fds.append(fd)
-            size = memfd.size(fd)
-            if size != r.size:
-                raise RestoreError(f"RAM backend {r.id}: retrieved memfd is {size} bytes, manifest says {r.size}")
-        vmstate_fd = session.retrieve(vm.vmstate.token)
-        size = memfd.size(vmstate_fd)
-        if size != vm.vmstate.size:
-            raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
-        _check_ram_sample(vm, ram_fds, opts, out)
-        mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
-        await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, opts, out)
-        opts.reporter.log(f"{vm.name}: {out.status} (pid {out.pid}), blackout {out.blackout_ns / 1e9:.3f} s = "
-                   + " + ".join(f"{k} {s:.3f}" for k, s in out.blackout_parts.items()))
-        session.finish()  # only now: the VM runs on the preserved RAM
-    except Exception as exc:
-        out.ok = False
-        out.error = str(exc) if isinstance(exc, LuoAgentError) else f"{type(exc).__name__}: {exc}"
-        opts.reporter.log(f"{vm.name}: FAILED: {out.error}")
-        if out.resumed:
-            # a guest that ran must never run twice: no rescue image, no retry
-            out.retry = (f"none: the VM runs (pid {out.pid}) on its preserved RAM; starting it again "
-                         "would run it twice on the same disks")
-            opts.reporter.log(f"{vm.name}: {out.retry}")
-        elif ram_fds and vmstate_fd >= 0:
-            try:
-                path = await write_rescue_async(vm, ram_fds, vmstate_fd, opts.rescue_dir)
-                out.rescue = str(path)
-                out.retry = f"luoagent restore --from-rescue {path}"
-                opts.reporter.log(f"{vm.name}: nothing lost: written as a cpr-reboot image to {path}; retry with `{out.retry}`")
-            except Exception as rexc:
-                out.retry = (
-                    "could not write a rescue image "
-                    f"({rexc}); the VM's RAM is lost once this process exits"
-                )
-                opts.reporter.log(f"{vm.name}: {out.retry}")
-        else:
-            out.retry = "its session could not be retrieved; nothing of it is held in this boot"
+        fd = msession.retrieve(mf.KEXEC_REQUEST_TOKEN)
+    except LuoAgentError:
+        return None  # the direct reboot syscall, or a luoagent that did not record it
+    try:
+        return mf.read_kexec_request(fd)
     finally:
-        # QEMU (or the rescue image) holds what it needs now
-        for fd in ram_fds + ([vmstate_fd] if vmstate_fd >= 0 else []):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if session is not None:
-            session.close()
-    return out
+        os.close(fd)
+
+
+def _boot_started_ns() -> int:
+    """Realtime at which this kernel started (now minus CLOCK_BOOTTIME; the clock is set from
+    the RTC at boot, so good to about a second)."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def split_kexec_share(out: VmOutcome, vm: mf.PreservedVm, requested_ns: int | None, boot_ns: int) -> None:
+    """Split the blackout's "kexec_boot_and_agent_start" at the `systemctl kexec` call and at
+    this kernel's start: saved → call, orderly shutdown + kexec, boot + agent start."""
+    parts = out.blackout_parts
+    if not requested_ns or "kexec_boot_and_agent_start" not in parts or not vm.saved_at_ns:
+        return
+    start_ns = out.timings.get("restore_started_ns") or 0
+    split = {
+        "until_systemctl_kexec": round((requested_ns - vm.saved_at_ns) / 1e9, 3),
+        "orderly_shutdown_and_kexec": round((boot_ns - requested_ns) / 1e9, 3),
+        "boot_and_agent_start": round((start_ns - boot_ns) / 1e9, 3),
+    }
+    out.blackout_parts = {k: v for k, v in parts.items() if k == "save"}
+    out.blackout_parts.update(split)
+    out.blackout_parts.update({k: v for k, v in parts.items() if k not in ("save", "kexec_boot_and_agent_start")})
+
+
+class RestoreJob:
+    """The restore state machine: manifest → per VM (in parallel, each as soon as its own
+    memfds are retrieved) retrieve → QEMU → load → cont → finish → release → manifest released.
+    Journaled (restore_journal) so that a restarted daemon finishes an interrupted restore
+    with every VM running exactly once."""
+
+    def __init__(self, opts: RestoreOptions, source: SessionSource, journal_path: Path | None = None):
+        self.opts = opts
+        self.source = source
+        self.journal_path = journal_path
+        self.journal: restore_journal.RestoreJournal | None = None
+        self.step = "manifest"
+        self.manifest: mf.Manifest | None = None
+        self.outcomes: dict[str, VmOutcome] = {}
+        self.rolling_back = False  # the daemon's status asks; a restore never rolls back
+        #: realtime of the old boot's `systemctl kexec` call (manifest session), or None
+        self.kexec_requested_ns: int | None = None
+
+    # -- what the daemon's status shows ---------------------------------------------------
+    def held_sessions(self) -> list[str]:
+        """Names of the incoming LUO sessions this restore holds open right now."""
+        return self.source.names()
+
+    def status_vms(self) -> list[dict]:
+        return [{"name": o.name, "pid": o.pid, "status": o.status, "ok": o.ok, "resumed": o.resumed,
+                 "unit": o.unit or None, "action": o.timings.get("action", ""), "error": o.error}
+                for o in self.outcomes.values()]
+
+    def interrupt(self, sig: int, task: asyncio.Future) -> None:
+        """A stop signal: a restore is never rolled back (the guests that run keep running,
+        the journal and the fd store let the next daemon finish); it just stops here."""
+        self.opts.reporter.log(f"signal {sig}: restore stops at step {self.step}; the next daemon start finishes it")
+        task.cancel()
+
+    # -- driver ---------------------------------------------------------------------------
+    async def run(self) -> dict:
+        t0 = time.monotonic()
+        progress = self.opts.reporter
+        try:
+            msession, manifest = retrieve_manifest(self.source)
+        except LuoAgentError:
+            if self.source.has(mf.MANIFEST_SESSION):
+                self.source.release(mf.MANIFEST_SESSION)
+            raise
+        self.kexec_requested_ns = _kexec_request(msession)
+        del msession  # held by the source until released, last
+        self.manifest = manifest
+        self.journal = restore_journal.RestoreJournal.open(self.journal_path, kernel_from=manifest.kernel_from)
+        if self.journal.previous is not None:
+            steps = ", ".join(f"{n} {e.get('step')}" for n, e in sorted(self.journal.previous["vms"].items()))
+            progress.log(f"resuming the restore of pid {self.journal.previous.get('pid')} (this boot): "
+                         + (steps or "no VM was started yet"))
+        self.journal.record(step="vms", vm_names=[v.name for v in manifest.vms])
+        progress.log(f"manifest: schema {manifest.schema[0]}.{manifest.schema[1]}, {len(manifest.vms)} VM(s), "
+                     f"written by kernel {manifest.kernel_from}, now on {os.uname().release}")
+        await testmode.pause("restore-after-manifest")
+        self.step = "vms"
+        outcomes = list(await asyncio.gather(*(self._one(vm) for vm in manifest.vms)))
+        # the manifest session last: while VMs are still being handled it documents them
+        self.step = "finish"
+        self.source.release(mf.MANIFEST_SESSION)
+        self.journal.finish()
+        self.step = "done"
+        return {
+            "ok": all(o.ok for o in outcomes),
+            "kernel_from": manifest.kernel_from,
+            "kernel_now": os.uname().release,
+            "seconds": round(time.monotonic() - t0, 4),
+            "resumed_restore": self.journal.previous is not None,
+            "kexec_requested_ns": self.kexec_requested_ns,
+            "boot_started_ns": _boot_started_ns(),
+            "vms": [o.__dict__ for o in outcomes],
+        }
+
+    async def _one(self, vm: mf.PreservedVm) -> VmOutcome:
+        out = VmOutcome(
+            name=vm.name,
+            was_running=vm.was_running,
+            vmstate_bytes=vm.vmstate.size,
+            ram_bytes=vm.ram_bytes,
+            ram_bytes_copied=vm.ram_bytes_copied,
+            ram_blocks_in_stream_bytes=vm.ram_blocks_in_stream_bytes,
+            no_guest_ram_block_in_stream=(None if vm.ram_blocks_in_stream_bytes < 0
+                                          else vm.ram_blocks_in_stream_bytes < min(r.size for r in vm.ram)),
+        )
+        self.outcomes[vm.name] = out
+        entry = self.journal.entry(vm.name)
+        action = restore_journal.next_action(entry)
+        if action == restore_journal.RESTART:
+            action = await self._stop_leftover(vm, entry or {})
+        out.timings["action"] = action
+        if action == restore_journal.CLOSE:
+            out.ok, out.pid, out.status = bool(entry.get("ok")), int(entry.get("pid") or 0), entry.get("status", "")
+            out.error, out.resumed = entry.get("error", ""), entry.get("step") == "finished"
+            self.source.release(vm.session)
+            return out
+        if action == restore_journal.ADOPT:
+            await self._adopt(vm, entry or {}, out)
+            return out
+        return await self._start(vm, out)
+
+    def _note(self, name: str):
+        return lambda **facts: self.journal.record_vm(name, **facts)
+
+    async def _start(self, vm: mf.PreservedVm, out: VmOutcome) -> VmOutcome:
+        note = self._note(vm.name)
+        ram_fds: list[int] = []
+        vmstate_fd = -1
+        released = False
+        try:
+            note(step="retrieving")
+            session = self.source.retrieve_session(vm.session)
+            for r in vm.ram:
+                fd = session.retrieve(r.token)
+                ram_fds.append(fd)
+                size = memfd.size(fd)
+                if size != r.size:
+                    raise RestoreError(f"RAM backend {r.id}: retrieved memfd is {size} bytes, manifest says {r.size}")
+            vmstate_fd = session.retrieve(vm.vmstate.token)
+            size = memfd.size(vmstate_fd)
+            if size != vm.vmstate.size:
+                raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
+            await testmode.pause("restore-after-retrieve", vm.name)
+            _check_ram_sample(vm, ram_fds, self.opts, out)
+            mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
+            await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, self.opts, out, note=note)
+            split_kexec_share(out, vm, self.kexec_requested_ns, _boot_started_ns())
+            self.opts.reporter.log(f"{vm.name}: {out.status} (pid {out.pid}), blackout {out.blackout_ns / 1e9:.3f} s = "
+                                   + " + ".join(f"{k} {s:.3f}" for k, s in out.blackout_parts.items()))
+            await testmode.pause("restore-after-cont", vm.name)
+            session.finish()  # only now: the VM runs on the preserved RAM
+            note(step="finished", ok=True, pid=out.pid, status=out.status)
+        except Exception as exc:
+            out.ok = False
+            out.error = str(exc) if isinstance(exc, LuoAgentError) else f"{type(exc).__name__}: {exc}"
+            self.opts.reporter.log(f"{vm.name}: FAILED: {out.error}")
+            if out.resumed:
+                # a guest that ran must never run twice: no rescue image, no retry
+                out.retry = (f"none: the VM runs (pid {out.pid}) on its preserved RAM; starting it again "
+                             "would run it twice on the same disks")
+                self.opts.reporter.log(f"{vm.name}: {out.retry}")
+                with contextlib.suppress(Exception):
+                    note(step="resumed", error=out.error)
+            elif ram_fds and vmstate_fd >= 0:
+                try:
+                    path = await write_rescue_async(vm, ram_fds, vmstate_fd, self.opts.rescue_dir)
+                    out.rescue = str(path)
+                    out.retry = f"luoagent restore --from-rescue {path}"
+                    self.opts.reporter.log(f"{vm.name}: nothing lost: written as a cpr-reboot image to {path}; "
+                                           f"retry with `{out.retry}`")
+                except Exception as rexc:
+                    out.retry = f"could not write a rescue image ({rexc}); the VM's RAM is lost once this process exits"
+                    self.opts.reporter.log(f"{vm.name}: {out.retry}")
+                with contextlib.suppress(Exception):
+                    note(step="failed", ok=False, error=out.error, rescue=out.rescue)
+            else:
+                out.retry = "its session could not be retrieved; nothing of it is held in this boot"
+                with contextlib.suppress(Exception):
+                    note(step="failed", ok=False, error=out.error)
+        except BaseException:
+            released = True  # cancelled or killed: the fd store and the journal keep what is needed
+            raise
+        finally:
+            # QEMU (or the rescue image) holds what it needs now
+            for fd in ram_fds + ([vmstate_fd] if vmstate_fd >= 0 else []):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if not released:
+                self.source.release(vm.session)
+        return out
+
+    async def _qemu_on_socket(self, vm: mf.PreservedVm):
+        """(pid, Qmp) of the QEMU serving this VM's QMP socket, or (0, None)."""
+        sock = Path(vm.qmp_socket)
+        if not sock.exists():
+            return 0, None
+        try:
+            pid = procfs.peer_pid(sock, timeout=5)
+            return pid, await qmp_client.Qmp.connect(sock, timeout=min(self.opts.timeout, 10))
+        except LuoAgentError:
+            return 0, None
+
+    async def _stop_leftover(self, vm: mf.PreservedVm, entry: dict) -> str:
+        """The QEMU an interrupted restore started for ``vm`` never ran the guest (the journal
+        says so), so it goes before the VM is started again. One that is found running after
+        all (it resumed by itself after its load) is adopted instead, never killed."""
+        pid, q = await self._qemu_on_socket(vm)
+        if q is not None:
+            try:
+                status = await q.status()
+            finally:
+                await q.close()
+            if status == "running":
+                return restore_journal.ADOPT
+        recorded = int(entry.get("pid") or 0)
+        victims = {p for p in (pid, recorded) if p and procfs.pid_alive(p)}
+        if recorded in victims and entry.get("pid_start") and procfs.start_time(recorded) != entry["pid_start"]:
+            victims.discard(recorded)  # that pid is another process now
+        for victim in victims:
+            self.opts.reporter.log(f"{vm.name}: the QEMU (pid {victim}) an interrupted restore started never ran "
+                                   "the guest: stopping it, then starting the VM again")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(procfs.pid_alive(v) for v in victims):
+            if time.monotonic() > deadline:
+                raise RestoreError(f"VM {vm.name}: the QEMU of the interrupted restore (pid "
+                                   f"{', '.join(map(str, sorted(victims)))}) does not die; not starting a second one")
+            await asyncio.sleep(0.05)
+        if entry.get("unit") and systemctl.booted():
+            # the scope may linger a moment after its process died: its name must be free
+            await asyncio.to_thread(systemctl.stop_unit, entry["unit"])
+        return restore_journal.START
+
+    async def _adopt(self, vm: mf.PreservedVm, entry: dict, out: VmOutcome) -> None:
+        """The guest may have run (``cont`` was issued): it is never started again. Its QEMU is
+        taken as it is (``cont`` again only if it is paused), then the session is finished."""
+        note = self._note(vm.name)
+        out.resumed = True
+        pid, q = await self._qemu_on_socket(vm)
+        out.pid = pid or int(entry.get("pid") or 0)
+        out.unit = entry.get("unit") or ""
+        try:
+            if q is None:
+                raise RestoreError(f"VM {vm.name} was resumed by an interrupted restore and its QEMU (pid {out.pid}) "
+                                   f"no longer serves {vm.qmp_socket}; it is not started again (it would run twice)")
+            try:
+                out.status = await q.status()
+                if out.status == "paused" and vm.was_running:
+                    await q.cont()
+                    out.status = await q.status()
+            finally:
+                await q.close()
+            if out.status != ("running" if vm.was_running else "paused"):
+                raise RestoreError(f"VM {vm.name} is {out.status!r} in its adopted QEMU (pid {pid})")
+            note(step="resumed", pid=pid)
+            if entry.get("argv"):
+                with contextlib.suppress(OSError, LuoAgentError):
+                    await asyncio.to_thread(register_vm, self.opts.vm_root, vm, entry.get("binary", ""),
+                                            list(entry["argv"]), pid, Path(entry.get("log") or "/dev/null"),
+                                            entry.get("unit") or "")
+            session = self.source.retrieve_session(vm.session)
+            await testmode.pause("restore-after-cont", vm.name)
+            session.finish()
+            out.ok = True
+            note(step="finished", ok=True, pid=pid, status=out.status)
+            self.opts.reporter.log(f"{vm.name}: {out.status} (pid {pid}), adopted from the interrupted restore")
+        except LuoAgentError as exc:
+            out.ok = False
+            out.error = str(exc)
+            out.retry = (f"none: the guest ran (pid {out.pid}); starting it again would run it twice on the same disks")
+            self.opts.reporter.log(f"{vm.name}: FAILED: {out.error}; retry: {out.retry}")
+            with contextlib.suppress(Exception):
+                note(step="failed", ok=False, error=out.error)
+        self.source.release(vm.session)

@@ -32,7 +32,7 @@ def run(args) -> int:
         except LuoAgentError as jexc:
             pending = {"unreadable": str(jexc)}
         doc = {"daemon_running": False, "reason": str(exc), "phase": "no-daemon", "job": None, "vms": [],
-               "sessions": [], "journal": pending}
+               "sessions": [], "fd_store": None, "journal": pending}
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -61,10 +61,18 @@ def _print(doc: dict) -> None:
     if doc.get("job"):
         j = doc["job"]
         print(f"job {j['id']}: {j['op']} {j['state']}" + (f": {j['error']}" if j.get("error") else ""))
+    if doc.get("fd_store") is not None:
+        st = doc["fd_store"]
+        print("fd store: " + (f"systemd's, {len(st['stored'])} of {st['capacity']} entries used" if st["enabled"]
+                              else "none (a crash of the daemon during a restore loses RAM)"))
     for v in doc.get("vms", []):
-        print(f"  vm {v['name']}: pid {v['pid']}, {'stopped by the update' if v['stopped_by_update'] else 'not stopped'}"
-              + (f", session {v['session']}" if v.get("session") else ""))
+        if "stopped_by_update" in v:
+            print(f"  vm {v['name']}: pid {v['pid']}, {'stopped by the update' if v['stopped_by_update'] else 'not stopped'}"
+                  + (f", session {v['session']}" if v.get("session") else ""))
+        else:  # a restore
+            print(f"  vm {v['name']}: pid {v['pid']}, {v.get('status') or v.get('action') or '...'}"
+                  + (f", FAILED: {v['error']}" if v.get("error") else ""))
     for s in doc.get("sessions", []):
-        print(f"  session {s['name']} ({s['direction']}, held by the daemon)")
+        print(f"  session {s['name']} ({s['direction']}, held by {' and '.join(s.get('held_by') or ['daemon'])})")
     if doc.get("journal"):
         print(f"unfinished journal: {doc['journal']}; `luoagent recover` undoes it")

@@ -24,7 +24,7 @@ from pathlib import Path
 from luoagent import __version__, memfd
 from luoagent import manifest as mf
 from luoagent import testmode
-from luoagent.adapters import kexec, procfs
+from luoagent.adapters import kexec, procfs, systemctl
 from luoagent.adapters import cpr, qemu_binary, qemu_ram, qmp_client
 from luoagent.errors import (
     LuoAgentError,
@@ -169,6 +169,9 @@ class UpdateRequest:
     #: awaited with the result document just before the kexec instead of printing it (the
     #: daemon: it returns once its clients have the result, or after a short timeout)
     announce: object = None
+    #: the daemon's workflows.fd_store.FdStore: every session made is pushed into systemd's
+    #: fd store right away and removed from it on rollback (None: the CLI, no store)
+    fd_store: object = None
 
 
 @dataclass
@@ -330,11 +333,20 @@ class _Update:
         #: name of the signal that interrupted this run ("" if none)
         self.interrupted = ""
         self.rolling_back = False
+        #: `systemctl kexec` was called: from now on a stop signal is the orderly shutdown
+        #: (no rollback); set when it arrives
+        self.kexec_requested_ns = 0
+        self.shutdown_signal = asyncio.Event()
 
     def interrupt(self, sig: int, task: asyncio.Future) -> None:
         """A rollback signal arrived: cancel the run once (it then rolls back)."""
         if self.interrupted or self.rolling_back:
             return  # never interrupt the rollback itself
+        if self.kexec_requested_ns:
+            self.progress.log(f"{signal.Signals(sig).name}: the orderly shutdown of `systemctl kexec` is under way: "
+                              "no rollback; systemd's fd store carries the sessions across the kexec")
+            self.shutdown_signal.set()
+            return
         self.interrupted = signal.Signals(sig).name
         self.progress.log(f"{self.interrupted} received at step {self.step}: rolling back")
         task.cancel()
@@ -376,6 +388,9 @@ class _Update:
                 return self._result("dry-run: everything reversible done, then rolled back")
             if self.req.announce is not None:
                 await self.req.announce(self._result("rebooting into the new kernel"))
+            if self._kexec_through_systemd():
+                self._reboot_checks()
+                return await self._systemctl_kexec()  # returns once the orderly shutdown stops us
             self._reboot()  # returns only by raising
             raise AssertionError("unreachable")  # pragma: no cover
         except BaseException as exc:
@@ -416,6 +431,11 @@ class _Update:
             self._run_doctor_checks()
             targets = discover(self.req.vms, self.req.vm_root)
             self.work = [VmWork(target=t, session_name=mf.vm_session_name(t.name)) for t in targets]
+            if self.req.fd_store is not None and "luo" not in self.skip:
+                try:
+                    self.req.fd_store.check_room(len(self.work) + 1)
+                except LuoAgentError as exc:
+                    raise UpdateError(str(exc), step="preflight") from None
             if "luo" not in self.skip:
                 # only a check: the device is a singleton (systemd and other tools open it
                 # too), so it is opened again only for the moment sessions are created
@@ -510,6 +530,7 @@ class _Update:
                         self.journal.record_session(w.session_name)
                         with LiveUpdate.open() as lu:  # open only while creating the session
                             w.session = lu.create_session(w.session_name)
+                        self._keep(w.session)
                         for i, (b, fd) in enumerate(zip(w.backends, w.ram_fds)):
                             t0 = time.monotonic()
                             w.session.preserve(fd, mf.ram_token(i))
@@ -518,6 +539,12 @@ class _Update:
                     exc.vm = w.name  # type: ignore[attr-defined]
                     raise
                 await testmode.pause("preserve-ram", w.name)
+
+    def _keep(self, session) -> None:
+        """A copy in systemd's fd store (daemon under systemd): a crash of the daemon then
+        leaves the session to the next daemon start, which closes it (rollback) and removes it."""
+        if self.req.fd_store is not None:
+            self.req.fd_store.push(session)
 
     # -- QUIESCE (parallel) --------------------------------------------------------------
     async def _quiesce_all(self) -> None:
@@ -631,10 +658,38 @@ class _Update:
                 self.journal.record_session(mf.MANIFEST_SESSION)
                 with LiveUpdate.open() as lu:  # open only while creating the session
                     self.manifest_session = lu.create_session(mf.MANIFEST_SESSION)
+                self._keep(self.manifest_session)
                 self.manifest_session.preserve(self.manifest_fd, mf.MANIFEST_TOKEN)
 
     # -- REBOOT --------------------------------------------------------------------------
-    def _reboot(self) -> None:
+    def _kexec_through_systemd(self) -> bool:
+        """`systemctl kexec` only when systemd's fd store holds the sessions: the orderly
+        shutdown stops every service and kills the rest, so a process holding them itself (the
+        CLI, a daemon without a store) would take them down with it; it reboots directly."""
+        return self.req.fd_store is not None and getattr(self.req.fd_store, "enabled", False)
+
+    async def _systemctl_kexec(self) -> dict:
+        self.step = "kexec-requested"
+        t = time.time_ns()
+        self.journal.record(step=self.step, kexec_requested_ns=t)
+        if self.manifest_session is not None:  # the orderly shutdown's start, for the next boot
+            fd = mf.write_kexec_request_memfd(t)
+            try:
+                self.manifest_session.preserve(fd, mf.KEXEC_REQUEST_TOKEN)
+            finally:
+                os.close(fd)
+        self.kexec_requested_ns = t
+        self.progress.note(f"systemctl kexec (preparation took {time.monotonic() - self.progress.started:.3f} s): "
+                           "orderly shutdown, then kexec of the loaded image")
+        try:
+            await asyncio.to_thread(systemctl.kexec)
+        except LuoAgentError:
+            self.kexec_requested_ns = 0  # nothing stopped: roll back with systemctl's reason
+            raise
+        await self.shutdown_signal.wait()
+        return self._result("kexec requested through systemctl; the orderly shutdown is under way")
+
+    def _reboot_checks(self) -> None:
         self.step = "reboot"
         if testmode.armed("reboot") and self.kexec_loaded:
             # make the real syscall fail: the kernel refuses LINUX_REBOOT_CMD_KEXEC with no image
@@ -647,6 +702,9 @@ class _Update:
                 "test mode (--test-mode): a kexec image is loaded, refusing to reboot; "
                 "test runs never kexec", step="reboot",
             )
+
+    def _reboot(self) -> None:
+        self._reboot_checks()
         result = self._result("rebooting into the new kernel")
         if self.req.announce is not None:
             pass  # announced by run() (the daemon's clients)
@@ -674,13 +732,20 @@ class _Update:
             for w, r in zip(self.work, results):
                 if isinstance(r, BaseException):
                     problems.append(f"VM {w.name} may still be stopped: {r}")
-            # sessions: closing an outgoing session unpreserves its files
+            # sessions: closing an outgoing session unpreserves its files (once the copy in
+            # systemd's fd store, if any, is removed too)
             for s in [w.session for w in self.work] + [self.manifest_session]:
                 if s is not None:
                     try:
                         s.close()
                     except Exception as exc:
                         problems.append(f"closing session {s!r}: {exc}")
+            if self.req.fd_store is not None:
+                for name in [w.session_name for w in self.work] + [mf.MANIFEST_SESSION]:
+                    try:
+                        self.req.fd_store.forget(name)
+                    except LuoAgentError as exc:
+                        problems.append(f"removing session {name} from the fd store: {exc}")
             for w in self.work:
                 w.session = None
                 for fd in w.ram_fds + ([w.vmstate_fd] if w.vmstate_fd >= 0 else []):
@@ -748,6 +813,8 @@ class _Update:
             "ok": True,
             "status": status,
             "dry_run": self.req.dry_run,
+            "kexec_via": "systemctl kexec" if self._kexec_through_systemd() else "reboot(LINUX_REBOOT_CMD_KEXEC)",
+            "kexec_requested_ns": self.kexec_requested_ns or None,
             "kernel": str(self.req.kernel),
             "kernel_version": self.kernel_release,
             "cmdline": self.cmdline,

@@ -20,7 +20,7 @@ from luoagent import log
 from luoagent import manifest as mf
 from luoagent import memfd
 from luoagent.adapters import qemu_binary, qemu_ram, qmp_client
-from luoagent.adapters import private_files, procfs
+from luoagent.adapters import private_files, procfs, systemctl
 from luoagent.adapters.procfs import pid_alive
 from luoagent.errors import QemuError, QmpUnreachable, UsageError, VmNotPreservable
 
@@ -55,6 +55,8 @@ class VmRecord:
     created_ns: int = 0
     restored: bool = False
     upgrades: list[dict] = field(default_factory=list)  # one entry per `vm upgrade`
+    #: the transient systemd scope QEMU runs in (host booted with systemd), else ""
+    unit: str = ""
     schema: int = RECORD_SCHEMA
 
     @property
@@ -150,8 +152,14 @@ def write_record(record: VmRecord) -> None:
     private_files.write_text(record_path(Path(record.vm_dir)), json.dumps(asdict(record), indent=2) + "\n")
 
 
+def qemu_unit(name: str) -> str | None:
+    """The scope unit a VM's QEMU is started in: on a host booted with systemd, its own
+    transient scope (never the cgroup of luoagent.service or of a login session); else None."""
+    return systemctl.vm_unit(name) if systemctl.booted() else None
+
+
 def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv: list[str],
-                      ram: list[dict], log: str, vm_root: str | os.PathLike) -> VmRecord:
+                      ram: list[dict], log: str, vm_root: str | os.PathLike, unit: str = "") -> VmRecord:
     """Record a VM that `restore` brought back so `vm list`/`vm stop` manage it again.
 
     ``vm_root``: the VM root; the record goes in VM_ROOT/NAME."""
@@ -170,7 +178,7 @@ def register_restored(*, name: str, pid: int, qmp_socket: str, binary: str, argv
         name=name, pid=int(pid), qemu=str(binary), qemu_version=version, argv=list(argv),
         memory=sum(int(r.get("size", 0)) for r in ram), smp=int(smp_match.group(1)) if smp_match else 1,
         vm_dir=str(sdir), qmp_socket=str(qmp_socket), serial_log=serial, log=str(log),
-        ram=[dict(r) for r in ram], created_ns=time.time_ns(), restored=True,
+        ram=[dict(r) for r in ram], created_ns=time.time_ns(), restored=True, unit=unit or "",
     )
     write_record(record)
     return record
@@ -286,7 +294,9 @@ def _start_locked(name, memory, qemu_args, *, smp, binary, version, probe, base,
         if serial is not None:
             argv += ["-serial", f"file:{serial}"]
         argv += list(qemu_args)
-        proc = qemu_binary.launch(binary, argv, pass_fds=[ram], qmp_socket=sock, log=qemu_log, daemon=True)
+        unit = qemu_unit(name)
+        proc = qemu_binary.launch(binary, argv, pass_fds=[ram], qmp_socket=sock, log=qemu_log, daemon=True,
+                                  scope_unit=unit)
         logger.info("QEMU started", vm=name, pid=proc.pid, memory=memory)
         try:
             status, backends = qmp_client.run_sync(_check_started(proc, sock, timeout))
@@ -306,7 +316,7 @@ def _start_locked(name, memory, qemu_args, *, smp, binary, version, probe, base,
         name=name, pid=proc.pid, qemu=str(binary), qemu_version=version, argv=argv, memory=memory,
         smp=smp, vm_dir=str(sdir), qmp_socket=str(sock), serial_log=str(serial) if serial else None,
         log=str(qemu_log), ram=[{"id": b.id, "size": b.size, "fd": b.qemu_fd} for b in backends],
-        created_ns=time.time_ns(),
+        created_ns=time.time_ns(), unit=unit or "",
     )
     write_record(record)
     logger.info("VM running", vm=name, status=status, vm_dir=str(sdir))
@@ -393,7 +403,7 @@ def describe(record: VmRecord) -> dict:
     return {"name": record.name, "pid": record.pid, "status": vm_status(record), "uid": uid,
             "memory": record.memory, "smp": record.smp, "qmp_socket": record.qmp_socket,
             "vm_dir": record.vm_dir, "serial_log": record.serial_log,
-            "session": record.session_name, "qemu_version": record.qemu_version}
+            "session": record.session_name, "qemu_version": record.qemu_version, "unit": record.unit or None}
 
 
 # --- stop -----------------------------------------------------------------------------------
@@ -553,9 +563,10 @@ def run(args: argparse.Namespace) -> int:
         elif not rows:
             print(f"no VMs under {vm_root(args.root)}")
         else:
-            print(f"{'NAME':<20} {'PID':>8} {'STATUS':<12} {'MEMORY':>8}  QMP")
+            print(f"{'NAME':<20} {'PID':>8} {'STATUS':<12} {'MEMORY':>8}  {'UNIT':<28} QMP")
             for r in rows:
-                print(f"{r['name']:<20} {r['pid']:>8} {r['status']:<12} {r['memory'] >> 20:>6}Mi  {r['qmp_socket']}")
+                print(f"{r['name']:<20} {r['pid']:>8} {r['status']:<12} {r['memory'] >> 20:>6}Mi  "
+                      f"{r['unit'] or '-':<28} {r['qmp_socket']}")
         return 0
     if args.vm_action == "stop":
         result = stop_vm(args.name, root=args.root, force=args.force)

@@ -270,3 +270,75 @@ def test_daemon_tells_systemd_when_it_is_ready_and_stopping(agent, tmp_path):
         assert agent.daemon.wait(30) == 0
     finally:
         s.close()
+
+
+def test_restore_runs_in_the_daemon_and_says_why_nothing_is_restored(agent):
+    """`luoagent restore` is a daemon client when a daemon serves: the job is the daemon's
+    (status shows it), and its error (no LUO on this host) reaches the CLI unchanged."""
+    agent.start_daemon()
+    r = agent.run("restore", "--json")
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "runs in the luoagent daemon" in r.stderr and "no Live Update Orchestrator" in r.stderr, r.stderr
+    job = agent.status()["job"]
+    assert job["op"] == "restore" and job["state"] == "failed", job
+    agent.stop()
+    r = agent.run("restore", "--json")  # no daemon: in this process, and it says what that risks
+    assert r.returncode != 0 and "restoring in this process" in r.stderr, r.stderr
+
+
+def test_daemon_takes_back_what_the_fd_store_hands_it(agent, tmp_path):
+    """At start the daemon sorts $LISTEN_FDS by the kernel's answer: here one fd that is no LUO
+    session (a pipe) is closed and removed from the store by its FDNAME, and the status
+    reports the store. A real datagram socket stands where systemd's would be: protocol only."""
+    import socket
+    import threading
+
+    path = tmp_path / "notify"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(0.2)
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def manager():  # closes what it gets: a BARRIER's pipe end included
+        while not done.is_set():
+            try:
+                msg, fds, _f, _a = socket.recv_fds(s, 4096, 4)
+            except TimeoutError:
+                continue
+            got.append(msg)
+            for fd in fds:
+                os.close(fd)
+
+    t = threading.Thread(target=manager, daemon=True)
+    t.start()
+    r, w = os.pipe()
+    try:
+        agent._logs += 1
+        agent.daemon_log = agent.run_dir.parent / "daemon-listen.log"
+        env = agent.env(NOTIFY_SOCKET=str(path), FDSTORE="8", LISTEN_FDS="1", LISTEN_FDNAMES="luoagent/vm/stray")
+        # LISTEN_PID must be the daemon's own pid: a wrapper puts the fd at 3, sets it, execs in place
+        wrapper = (f"import os, sys; os.dup2({r}, 3); os.close({r}); os.environ['LISTEN_PID'] = str(os.getpid()); "
+                   f"os.execv(sys.executable, {agent.argv('daemon')!r})")
+        with open(agent.daemon_log, "w") as out:
+            agent.daemon = subprocess.Popen([sys.executable, "-c", wrapper], stdout=out, stderr=subprocess.STDOUT,
+                                            cwd=REPO, env=env, pass_fds=[r])
+        deadline = time.monotonic() + 60
+        while "serving" not in agent.daemon_log.read_text():
+            assert agent.daemon.poll() is None and time.monotonic() < deadline, agent.daemon_log.read_text()
+            time.sleep(0.05)
+        log = agent.daemon_log.read_text()
+        assert "systemd fd store (FileDescriptorStoreMax=8)" in log, log
+        assert "fd store entry 'luoagent/vm/stray' is no LUO session: closed and removed" in log, log
+        assert b"FDSTOREREMOVE=1\nFDNAME=luoagent/vm/stray\n" in got, got
+        doc = agent.status()
+        assert doc["fd_store"] == {"enabled": True, "capacity": 8, "stored": []}, doc
+        pipe = f"pipe:[{os.fstat(w).st_ino}]"
+        held = [os.readlink(f"/proc/{agent.daemon.pid}/fd/{n}") for n in os.listdir(f"/proc/{agent.daemon.pid}/fd")]
+        assert pipe not in held, f"the daemon kept the stray fd: {held}"
+    finally:
+        done.set()
+        t.join()
+        s.close()
+        os.close(r)
+        os.close(w)

@@ -1,7 +1,8 @@
 """Lab tier for `luoagent daemon` (scenario daemon-update): with real LUO sessions and a real
 kexec_file_load, a daemon SIGKILLed after the manifest or SIGTERMed with a migration in flight
 leaves VMs running, no session and no kexec image once recovered; then an update run by the
-daemon for its client kexecs for real and `luoagent restore` brings both VMs back.
+daemon for its client kexecs for real and a daemon started in the new boot restores both VMs
+by itself (no systemd: it retrieves the sessions from /dev/liveupdate), as `status` shows.
 
 Every check runs inside the lab VM; this file reads its KTAP results by name."""
 
@@ -43,6 +44,7 @@ def test_update_through_the_daemon_kexecs_and_restores(run):
     run.require(sc.NAME, sc.KEXECED)
     run.require(sc.NAME, sc.ANNOUNCED)
     run.require(sc.NAME, sc.RESTORED)
+    run.require(sc.NAME, sc.STATUS_AFTER_RESTORE)
     for vm in vu.VMS:
         run.require(sc.NAME, vu.COUNTER_CONTINUES.format(vm=vm))
         run.require(sc.NAME, vu.CANARY_OK.format(vm=vm))

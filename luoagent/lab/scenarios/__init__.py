@@ -1,6 +1,6 @@
 """Registry of lab scenarios: every module in this package with NAME and stages() is one.
 
-A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT, and stages()."""
+A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT/KERNELS/FLAVOUR, and stages()."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class ScenarioInfo:
     slow: bool
     timeout: float
     kernels: tuple[str, ...] | None = None   # kernel series per stage (KERNELS), None: the lab kernel
+    flavour: str = "custom-init"             # rootfs flavour (FLAVOUR): custom-init or systemd
 
 
 def _info(mod: ModuleType) -> ScenarioInfo:
@@ -39,7 +40,18 @@ def _info(mod: ModuleType) -> ScenarioInfo:
         slow=bool(getattr(mod, "SLOW", False)),
         timeout=float(getattr(mod, "TIMEOUT", DEFAULT_STAGE_TIMEOUT)),
         kernels=tuple(str(k) for k in mod.KERNELS) if getattr(mod, "KERNELS", None) else None,
+        flavour=_flavour(mod),
     )
+
+
+FLAVOURS = ("custom-init", "systemd")
+
+
+def _flavour(mod: ModuleType) -> str:
+    value = str(getattr(mod, "FLAVOUR", "custom-init"))
+    if value not in FLAVOURS:
+        raise LabError(f"scenario module {mod.__name__}: FLAVOUR {value!r} is not one of {', '.join(FLAVOURS)}")
+    return value
 
 
 def discover() -> tuple[dict[str, ScenarioInfo], dict[str, str]]:

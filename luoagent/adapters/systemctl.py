@@ -1,0 +1,66 @@
+"""systemd's manager through its own tools: is this host booted with systemd, the argv prefix
+that starts a command in a transient scope unit (`systemd-run --scope`), `systemctl kexec`.
+
+Why a scope for QEMU: `systemd-run --scope` registers the scope for its own pid and then
+execs the command itself (run.c, start_transient_scope → execvpe), so the command keeps every
+inherited fd at its number (`mem-path=/proc/self/fd/N` still names the RAM memfd) and lives
+in its own cgroup: a restart or crash of luoagent.service never kills it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from luoagent.errors import KexecError, QemuError
+
+#: sd_booted(3): this directory exists only when systemd is PID 1
+BOOTED_MARKER = "/run/systemd/system"
+VM_UNIT_PREFIX = "luoagent-vm-"
+_UNIT_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.-")
+
+
+def booted() -> bool:
+    """True when systemd runs this host (PID 1)."""
+    return os.path.isdir(BOOTED_MARKER)
+
+
+def vm_unit(vm_name: str) -> str:
+    """The scope unit of a VM's QEMU: ``luoagent-vm-NAME.scope``, with every character a unit
+    name cannot hold written as ``\\xNN`` (systemd's own escaping: ``+`` → ``\\x2b``)."""
+    escaped = "".join(c if c in _UNIT_SAFE else "".join(f"\\x{b:02x}" for b in c.encode()) for c in vm_name)
+    return f"{VM_UNIT_PREFIX}{escaped}.scope"
+
+
+def scope_prefix(unit: str) -> list[str]:
+    """argv that runs the following command in the transient scope ``unit`` (--collect: the
+    unit goes away once QEMU exits, however it exits, so the name is free again)."""
+    tool = shutil.which("systemd-run")
+    if tool is None:
+        raise QemuError("systemd runs this host but systemd-run is not on PATH; install systemd (it ships it)")
+    return [tool, "--scope", "--quiet", "--collect", f"--unit={unit}",
+            "--description=luoagent VM (QEMU)", "--"]
+
+
+def stop_unit(unit: str, timeout: float = 60.0) -> bool:
+    """``systemctl stop UNIT`` (waits for the stop job); False if systemctl refused."""
+    r = subprocess.run(["systemctl", "stop", unit], capture_output=True, text=True, timeout=timeout)
+    return r.returncode == 0
+
+
+def unit_active(unit: str, timeout: float = 30.0) -> bool:
+    r = subprocess.run(["systemctl", "is-active", "--quiet", unit], timeout=timeout)
+    return r.returncode == 0
+
+
+def kexec(timeout: float = 120.0) -> None:
+    """``systemctl kexec``: start the orderly shutdown that ends in a kexec of the image that
+    is already loaded (kexec_file_load: only those carry KHO data). Returns once the manager
+    took the job; KexecError with systemctl's words if it refused (nothing has stopped then)."""
+    try:
+        r = subprocess.run(["systemctl", "kexec"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KexecError(f"`systemctl kexec` could not be run: {exc}") from None
+    if r.returncode != 0:
+        raise KexecError(f"`systemctl kexec` failed (exit {r.returncode}): "
+                         f"{(r.stderr or r.stdout).strip()[-500:] or 'no message'}")
