@@ -45,6 +45,12 @@ DEFAULT_RESCUE_DIR = Path("/var/lib/luoagent/rescue")
 INCOMING_FDSET = 0x4C56
 
 
+def boot_clock_ns() -> int:
+    """CLOCK_BOOTTIME: the clock the kernel's own boot messages count from, so the restore's
+    steps line up with the kernel's in one time line (`*_boot_ns` timings)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
 def configure(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("--qemu", metavar="PATH", help="QEMU binary (default: the one recorded, else PATH)")
@@ -251,6 +257,7 @@ async def start_incoming(
 ) -> None:
     """Start QEMU on the given RAM, load the vmstate, resume; fills ``out``."""
     t_start = time.time_ns()
+    out.timings["qemu_launch_boot_ns"] = boot_clock_ns()
     binary = _binary(vm, opts)
     argv = qemu_ram.restore_argv(vm.argv, mem_paths)
     argv += identity_args(vm, argv)
@@ -266,6 +273,7 @@ async def start_incoming(
         q = await qmp_client.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
         try:
             out.timings["qemu_up_ns"] = time.time_ns()
+            out.timings["qemu_up_boot_ns"] = boot_clock_ns()
             # QEMU drops privileges before it serves QMP: by now it must be who it was
             now = procfs.identity(proc.pid)
             if now != (vm.uid, vm.gid):
@@ -280,6 +288,7 @@ async def start_incoming(
             testmode.fault("restore-vm", vm.name, RestoreError)
             await cpr.load(q, f"file:/dev/fdset/{INCOMING_FDSET}", timeout=opts.timeout)
             out.timings["incoming_done_ns"] = time.time_ns()
+            out.timings["incoming_done_boot_ns"] = boot_clock_ns()
             if vm.was_running and await q.status() != "running":
                 try:
                     await q.cont()
@@ -291,6 +300,7 @@ async def start_incoming(
             out.resumed = vm.was_running
             out.status = await q.status()
             out.timings["running_ns"] = time.time_ns()
+            out.timings["running_boot_ns"] = boot_clock_ns()
             with contextlib.suppress(LuoAgentError):
                 await q.execute("remove-fd", {"fdset-id": INCOMING_FDSET})
             expected = "running" if vm.was_running else "paused"
@@ -468,9 +478,11 @@ def _check_timeout(opts: RestoreOptions) -> None:
 
 def _restore(opts: RestoreOptions) -> dict:
     t0 = time.monotonic()
+    clock = {"luo_open_boot_ns": boot_clock_ns()}  # the agent's first LUO call
     lu = LiveUpdate.open()
     try:
         msession, manifest = retrieve_manifest(lu)
+        clock["manifest_retrieved_boot_ns"] = boot_clock_ns()
         opts.reporter.log(f"manifest: schema {manifest.schema[0]}.{manifest.schema[1]}, {len(manifest.vms)} VM(s), "
                    f"written by kernel {manifest.kernel_from}, now on {os.uname().release}")
         outcomes = asyncio.run(_restore_all(lu, manifest, opts))
@@ -484,6 +496,7 @@ def _restore(opts: RestoreOptions) -> dict:
         "kernel_from": manifest.kernel_from,
         "kernel_now": os.uname().release,
         "seconds": round(time.monotonic() - t0, 4),
+        "boot_clock_ns": clock,
         "vms": [o.__dict__ for o in outcomes],
     }
 
@@ -523,6 +536,7 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
     ram_fds: list[int] = []
     vmstate_fd = -1
     try:
+        out.timings["retrieve_boot_ns"] = boot_clock_ns()
         session = lu.retrieve_session(vm.session)
         for r in vm.ram:
             fd = session.retrieve(r.token)
@@ -534,6 +548,7 @@ async def _restore_one(lu, vm: mf.PreservedVm, opts: RestoreOptions) -> VmOutcom
         size = memfd.size(vmstate_fd)
         if size != vm.vmstate.size:
             raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
+        out.timings["retrieved_boot_ns"] = boot_clock_ns()
         _check_ram_sample(vm, ram_fds, opts, out)
         mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
         await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, opts, out)

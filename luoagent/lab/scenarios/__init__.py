@@ -1,6 +1,7 @@
 """Registry of lab scenarios: every module in this package with NAME and stages() is one.
 
-A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT, and stages()."""
+A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT/
+RUN_DISK_SPARE_MB (free space the stages need on /lab), and stages()."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class ScenarioInfo:
     slow: bool
     timeout: float
     kernels: tuple[str, ...] | None = None   # kernel series per stage (KERNELS), None: the lab kernel
+    disk_spare_mb: int = 0   # free MB on the run disk (/lab) the stages write into (RUN_DISK_SPARE_MB)
 
 
 def _info(mod: ModuleType) -> ScenarioInfo:
@@ -39,6 +41,7 @@ def _info(mod: ModuleType) -> ScenarioInfo:
         slow=bool(getattr(mod, "SLOW", False)),
         timeout=float(getattr(mod, "TIMEOUT", DEFAULT_STAGE_TIMEOUT)),
         kernels=tuple(str(k) for k in mod.KERNELS) if getattr(mod, "KERNELS", None) else None,
+        disk_spare_mb=int(getattr(mod, "RUN_DISK_SPARE_MB", 0)),
     )
 
 
