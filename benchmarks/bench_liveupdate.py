@@ -12,9 +12,11 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -144,15 +146,20 @@ def chart(rows: list[blackout.Row], path: Path) -> str:
 
 
 # --- cold start ---------------------------------------------------------------------------------
-def cold_start(source: Path, repeat: int = 5) -> dict:
+def cold_start(source: Path, repeat: int = 9) -> dict:
     """Host: `python -m luoagent restore` from ``source`` until it fails at its first LUO call (this
     host has no /dev/liveupdate): exec -> first LUO call, wall; plus -X importtime's total."""
     env = {**os.environ, "PYTHONPATH": str(source)}
     walls = []
+    root = Path(tempfile.mkdtemp(prefix="bench-coldstart-"))  # never wait on the host's real VM root lock
+    cpus = []
     for _ in range(repeat):
-        t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "luoagent", "restore"], capture_output=True, text=True, env=env)
+        t0, c0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = subprocess.run([sys.executable, "-m", "luoagent", "restore", "--vm-root", str(root)],
+                           capture_output=True, text=True, env=env)
         walls.append(time.monotonic() - t0)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)  # less sensitive to load than wall
         if "liveupdate" not in r.stderr:
             raise SystemExit(f"cold start from {source}: restore did not stop at /dev/liveupdate: {r.stderr[-500:]}")
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "luoagent", "restore", "--help"],
@@ -162,7 +169,8 @@ def cold_start(source: Path, repeat: int = 5) -> dict:
         parts = line.split("|")
         if len(parts) == 3 and not parts[2].startswith("  ") and parts[1].strip().isdigit():
             top += int(parts[1])  # cumulative time of each top-level import
-    return {"source": str(source), "exec_to_luo_call_s": blackout.median_spread(walls), "importtime_top_us": top}
+    return {"source": str(source), "exec_to_luo_call_s": blackout.median_spread(walls),
+            "cpu_s": blackout.median_spread(cpus), "importtime_top_us": top}
 
 
 def main() -> int:
@@ -189,7 +197,9 @@ def main() -> int:
     lab_ok, lab_summary = True, ""
     if args.from_console:
         run_dir = Path(args.from_console)
-        plan = json.loads((run_dir / "plan.json").read_text())
+        if (run_dir / "plan.json").exists():
+            plan = json.loads((run_dir / "plan.json").read_text())
+        # else: the same --quick/--configs/--repeat as the run (a run stopped early wrote no plan.json)
     else:
         from luoagent.lab.build import build_lab
         from luoagent.report import Progress
@@ -206,14 +216,24 @@ def main() -> int:
 
     rows_in = read_console_times(run_dir / CONSOLE_TIMES)
     crossings, records, problems = blackout.parse_console(rows_in)
+    not_run = []
+    if args.from_console and not any("# lab-done:" in ln for _t, ln in rows_in):
+        # a run stopped before its end: only the runs it reached count; say which never ran
+        last = max((r.get("index", -1) for r in records), default=-1)
+        not_run = [f"run {i}: {p['path']} {blackout.config_name(p['ram_mib'], p['vms'])} (the lab run was stopped first)"
+                   for i, p in enumerate(plan) if i > last]
+        plan = plan[:last + 1]
+        for line in not_run:
+            progress(f"not run: {line}")
     rows = blackout.build_rows(plan, crossings, records, problems)
     for p in problems:
         progress(f"problem: {p}")
     chart_note = chart(rows, Path(args.chart))
     cold = [cold_start(Path(s)) for s in args.cold_start]
-    doc = {"machine": {"before": host_before, "after": machine()}, "plan": plan, "run_dir": str(run_dir),
+    lab_cold = blackout.parse_cold_start(rows_in)
+    doc = {"lab_cold_start_s": lab_cold, "machine": {"before": host_before, "after": machine()}, "plan": plan, "run_dir": str(run_dir),
            "wall_s": round(time.monotonic() - started, 1), "lab_ok": lab_ok, **blackout.to_json(rows),
-           "cold_start": cold, "problems": problems}
+           "cold_start": cold, "problems": problems, "not_run": not_run}
     code = blackout.exit_code(rows) or (0 if lab_ok else 1)
     if args.json:
         print(json.dumps(doc, indent=1))
@@ -229,10 +249,13 @@ def main() -> int:
                 f = r.figures()["figures"]
                 print(f"{r.config}: preserve {f['preserve_s_per_gib']:.3f} s/GiB (outside the blackout), "
                       f"LUO retrieve {f['luo_retrieve_s_per_gib']:.3f} s/GiB, RAM sample {f['ram_sample_ms_per_gib']:.1f} ms/GiB")
+        for name, f in lab_cold.items():
+            print(f"lab cold start ({name}): exec -> first LUO call {f['median']:.2f} s ({f['min']:.2f}-{f['max']:.2f})")
         for c in cold:
             e = c["exec_to_luo_call_s"]
             print(f"host cold start {c['source']}: exec -> first LUO call {e['median']:.3f} s "
-                  f"({e['min']:.3f}-{e['max']:.3f}), top-level imports {c['importtime_top_us'] / 1000:.0f} ms")
+                  f"({e['min']:.3f}-{e['max']:.3f}), CPU {c['cpu_s']['median']:.3f} s, "
+                  f"statement imports {c['importtime_top_us'] / 1000:.0f} ms")
         print(f"\n{chart_note}")
         print(f"load: {doc['machine']['before']['uptime']} (before) / {doc['machine']['after']['uptime']} (after)")
         print(f"wall time {doc['wall_s']:.0f} s, {len(plan)} kexecs; console {run_dir}")

@@ -18,6 +18,7 @@ KERNEL, QEMU, AGENT, INIT, TOOL = "kernel", "QEMU", "luoagent", "init", "tool"
 REBOOT_MARK = "luoagent: reboot(LINUX_REBOOT_CMD_KEXEC) now, boottime_ns="
 LAST_OLD_KERNEL_LINE = "kexec_core: Starting new kernel"
 RESULT_MARK = "# bench-result "
+COLDSTART_MARK = "# bench-coldstart "
 CLOCK_MARK = "luoagent-bench: boottime_ns="
 STAGE_MARK = "# lab-stage: bench-liveupdate "
 _PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")
@@ -48,7 +49,7 @@ class TimelineError(ValueError):
 @dataclass
 class Crossing:
     """One kexec as the host saw it, seconds on the host's monotonic clock (from QEMU start)."""
-    reboot_call: float          # arrival of the reboot mark (written right before the syscall)
+    reboot_call: float          # the reboot mark (written right before the syscall), see crossing()
     reboot_call_boot_ns: int    # the old kernel's CLOCK_BOOTTIME in that mark
     jump: float                 # arrival of the old kernel's last line ("Starting new kernel")
     kernel_zero: float          # the new kernel's clock 0: min over its lines of (arrival - printk time)
@@ -129,8 +130,26 @@ def crossing(window: list[tuple[float, str]]) -> Crossing:
         raise TimelineError("no 'Run ... as init process' line from the new kernel")
     if delta is None:
         raise TimelineError(f"no {CLOCK_MARK!r} line in the new boot (the scenario writes it first)")
-    return Crossing(reboot_call=mark_t, reboot_call_boot_ns=mark_ns, jump=window[jump_at][0],
+    # The console may print the mark late (a printing thread; the kexec path flushes it), so the
+    # call's host time comes from the last line's arrival (flushed before the jump) minus the
+    # two lines' distance on the old kernel's printk clock; without printk times, the arrival.
+    jump_t = window[jump_at][0]
+    pm, pj = _PRINTK.match(mark_line.strip()), _PRINTK.match(window[jump_at][1].strip())
+    reboot_call = jump_t - (float(pj.group(1)) - float(pm.group(1))) if pm and pj else mark_t
+    return Crossing(reboot_call=reboot_call, reboot_call_boot_ns=mark_ns, jump=jump_t,
                     kernel_zero=zero, init_s=init_s, lines=used, boot_minus_printk=delta)
+
+
+def parse_cold_start(rows: list[tuple[float, str]]) -> dict:
+    """The in-lab cold start samples ({variant: [seconds]}) as median/spread, {} if none."""
+    for _t, line in rows:
+        text = line.strip()
+        if text.startswith(COLDSTART_MARK):
+            try:
+                return {k: median_spread(v) for k, v in json.loads(text[len(COLDSTART_MARK):]).items()}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
 
 
 # --- one run -> per-VM time lines --------------------------------------------------------------

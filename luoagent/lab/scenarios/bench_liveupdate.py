@@ -33,6 +33,7 @@ RUN_DISK_SPARE_MB = 2600
 #: used when the host gives no plan (`luoagent lab run bench-liveupdate`): one run of each path
 DEFAULT_PLAN = "luoagent:64:1,baseline:64:1"
 RESULT_PREFIX = "bench-result "
+COLDSTART_PREFIX = "bench-coldstart "
 CLOCK_MARK = "luoagent-bench: boottime_ns="  # lab/blackout.py reads it back
 RUN_ROOT = Path("/run/luoagent-bench")  # QMP sockets, serial logs (tmpfs: gone after each kexec)
 STREAM_DIR = Path("/lab/bench-streams")  # the baseline's checkpoint files: on disk, survive kexec
@@ -392,6 +393,33 @@ def _clock_mark() -> None:
         os.close(fd)
 
 
+#: what the CLI imported before it loaded only the command being run: every workflow and the lab
+_EVERY_COMMAND = ("import importlib, sys; from luoagent import cli; "
+                  "[importlib.import_module(m) for m, _h in cli.SUBCOMMANDS.values()]; "
+                  "import importlib.metadata, luoagent.lab.cli; sys.argv[0] = 'luoagent'; sys.exit(cli.main())")
+
+
+def _cold_start(ctx, repeat: int = 3) -> None:
+    """exec -> first LUO call of `luoagent restore` in this VM (no manifest here: it stops right
+    after that call), as it is and with the imports the CLI made before it became lazy."""
+    root = Path("/run/luoagent-bench/coldstart-root")
+    root.mkdir(parents=True, exist_ok=True)
+    args = ["restore", "--vm-root", str(root)]
+    variants = {"now": [sys.executable, "-m", "luoagent", *args],
+                "every_command_imported": [sys.executable, "-c", _EVERY_COMMAND, *args]}
+    seconds: dict = {k: [] for k in variants}
+    for _ in range(repeat):
+        for name, argv in variants.items():
+            t0 = boot_ns()
+            r = subprocess.run(argv, capture_output=True, text=True, env=agent_env(), timeout=300)
+            seconds[name].append((boot_ns() - t0) / 1e9)
+            if "nothing to restore" not in r.stderr:
+                ctx.not_ok(f"cold start ({name}) stops at the first LUO call", r.stderr[-800:])
+                return
+    ctx.ok("cold start of `luoagent restore` measured (exec -> first LUO call, no manifest)")
+    ctx.diag(COLDSTART_PREFIX + json.dumps(seconds, separators=(",", ":")))
+
+
 def _compile_agent(ctx) -> None:
     """Byte-compile the agent once, as installing the package does: the run disk holds bare
     sources, and compiling them at the first import would be charged to the agent's cold start."""
@@ -411,6 +439,8 @@ def _stage(k: int, plan: list[dict]):
             _compile_agent(ctx)
         if k > 0:
             _finish(ctx, k - 1, plan[k - 1])
+        if k == len(plan):
+            _cold_start(ctx)
         if k < len(plan):
             st = {"index": k, "boot_id": ctx.boot_id}
             run = plan[k]
