@@ -248,7 +248,9 @@ def main() -> int:
             if r.ok and r.path == "luoagent":
                 f = r.figures()["figures"]
                 print(f"{r.config}: preserve {f['preserve_s_per_gib']:.3f} s/GiB (outside the blackout), "
-                      f"LUO retrieve {f['luo_retrieve_s_per_gib']:.3f} s/GiB, RAM sample {f['ram_sample_ms_per_gib']:.1f} ms/GiB")
+                      f"LUO retrieve {f['luo_retrieve_s_per_gib']:.3f} s/GiB, RAM sample {f['ram_sample_ms_per_gib']:.1f} ms/GiB; "
+                      f"quiesce phase {f['quiesce_phase_s']:.3f} s (slowest VM {f['quiesce_slowest_vm_s']:.3f} s, "
+                      f"sum {f['quiesce_sum_s']:.3f} s), stops spread over {f['stop_spread_s']:.3f} s")
         for name, f in lab_cold.items():
             print(f"lab cold start ({name}): exec -> first LUO call {f['median']:.2f} s ({f['min']:.2f}-{f['max']:.2f})")
         for c in cold:

@@ -255,6 +255,12 @@ def run_timeline(record: dict, cross: Crossing) -> RunTimeline:
             "sync_before_quiesce_s": phases.get("sync", 0.0),
             "luo_retrieve_s_per_gib": sum(v.segments["LUO retrieve"] for v in run.vms) / (ram / GIB),
             "ram_sample_ms_per_gib": statistics.mean(u.get("ram_sample_ms_per_gib") or 0.0 for u in upd.values()),
+            # parallel quiesce: the phase lasts about the slowest VM's stop+save, not their sum
+            "quiesce_phase_s": phases.get("quiesce", 0.0),
+            "quiesce_slowest_vm_s": max(u.get("quiesce_seconds") or 0.0 for u in upd.values()),
+            "quiesce_sum_s": sum(u.get("quiesce_seconds") or 0.0 for u in upd.values()),
+            "stop_spread_s": (max(u["stopped_at_ns"] for u in upd.values())
+                              - min(u["stopped_at_ns"] for u in upd.values())) / 1e9,
         }
     else:
         for name in old["names"]:
