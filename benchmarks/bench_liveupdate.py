@@ -105,34 +105,35 @@ def chart(rows: list[blackout.Row], path: Path) -> str:
     fig, (bars, ram_ax, vm_ax) = plt.subplots(1, 3, figsize=(16, 5.5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     configs = list(dict.fromkeys(r.config for r in good))
     width = 0.38
-    for offset, path in ((-width / 2, "luoagent"), (width / 2, "baseline")):
+    for offset, which in ((-width / 2, "luoagent"), (width / 2, "baseline")):
         bottom = [0.0] * len(configs)
         for owner in blackout.OWNERS:
             values = []
             for c in configs:
-                row = next((r for r in good if r.config == c and r.path == path), None)
+                row = next((r for r in good if r.config == c and r.path == which), None)
                 values.append(row.figures()["owners_s"][owner] if row else 0.0)
             if any(values):
                 bars.bar([i + offset for i in range(len(configs))], values, width, bottom=bottom,
                          color=COLORS[owner], edgecolor="white",
-                         label=owner if path == "luoagent" or owner == blackout.TOOL else None)
+                         label=owner if which == "luoagent" or owner == blackout.TOOL else None)
             bottom = [b + v for b, v in zip(bottom, values)]
         for i, total in enumerate(bottom):
             if total:
-                bars.text(i + offset, total, "L" if path == "luoagent" else "B", ha="center", va="bottom", fontsize=8)
+                bars.text(i + offset, total, "L" if which == "luoagent" else "B", ha="center", va="bottom", fontsize=8)
     bars.set_xticks(range(len(configs)), configs)
     bars.set_ylabel("guest blackout, s (median; slowest guest)")
     bars.set_title("blackout by owner: L = luoagent, B = full-copy baseline")
     bars.legend(loc="upper left", fontsize=8)
     for ax, pick, xlabel, xval in ((ram_ax, lambda r: r.vms == 1, "guest RAM, MiB (1 VM)", lambda r: r.ram_mib),
                                    (vm_ax, lambda r: r.ram_mib == 64, "VMs of 64 MiB", lambda r: r.vms)):
-        for path, style in (("luoagent", "o-"), ("baseline", "s--")):
-            pts = sorted((xval(r), r.figures()["blackout_s"]) for r in good if r.path == path and pick(r))
+        for which, style in (("luoagent", "o-"), ("baseline", "s--")):
+            pts = sorted(((xval(r), r.figures()["blackout_s"]) for r in good if r.path == which and pick(r)),
+                         key=lambda p: p[0])
             if pts:
                 xs = [x for x, _f in pts]
                 ax.errorbar(xs, [f["median"] for _x, f in pts],
                             yerr=[[f["median"] - f["min"] for _x, f in pts], [f["max"] - f["median"] for _x, f in pts]],
-                            fmt=style, capsize=3, label=path)
+                            fmt=style, capsize=3, label=which)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("blackout, s (median, min-max)")
         ax.set_xscale("log", base=2)
