@@ -174,6 +174,22 @@ def cold_start(source: Path, repeat: int = 9) -> dict:
             "cpu_s": blackout.median_spread(cpus), "importtime_top_us": top}
 
 
+def load_run(run_dir: Path, plan: list[dict]):
+    """(plan actually reached, crossings, records, problems, not run, console rows) of one run directory."""
+    from luoagent.lab.boot import CONSOLE_TIMES
+
+    rows_in = read_console_times(run_dir / CONSOLE_TIMES)
+    crossings, records, problems = blackout.parse_console(rows_in)
+    not_run = []
+    if not any("# lab-done:" in ln for _t, ln in rows_in):
+        # a run stopped before its end: only the runs it reached count; say which never ran
+        last = max((r.get("index", -1) for r in records), default=-1)
+        not_run = [f"run {i}: {p['path']} {blackout.config_name(p['ram_mib'], p['vms'])} (the lab run was stopped first)"
+                   for i, p in enumerate(plan) if i > last]
+        plan = plan[:last + 1]
+    return plan, crossings, records, problems, not_run, rows_in
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration and path (default 3)")
@@ -183,8 +199,9 @@ def main() -> int:
     ap.add_argument("--chart", default="bench_liveupdate.png", help="PNG chart path (default ./bench_liveupdate.png)")
     ap.add_argument("--kernel", help="LUO bzImage for the lab (default: build / reuse the lab's)")
     ap.add_argument("--console", action="store_true", help="echo the lab VM's console to stderr")
-    ap.add_argument("--from-console", metavar="DIR", help="no lab run: analyse a finished run's directory "
-                    "(console-times.tsv and plan.json)")
+    ap.add_argument("--from-console", metavar="DIR", action="append", default=[],
+                    help="no lab run: analyse a run's directory (console-times.tsv, plan.json); repeatable: "
+                    "the runs of every directory are pooled")
     ap.add_argument("--cold-start", metavar="SOURCE", action="append", default=[],
                     help="also measure the agent's host cold start from this source tree (repeatable)")
     args = ap.parse_args()
@@ -197,10 +214,7 @@ def main() -> int:
     started = time.monotonic()
     lab_ok, lab_summary = True, ""
     if args.from_console:
-        run_dir = Path(args.from_console)
-        if (run_dir / "plan.json").exists():
-            plan = json.loads((run_dir / "plan.json").read_text())
-        # else: the same --quick/--configs/--repeat as the run (a run stopped early wrote no plan.json)
+        run_dirs = [Path(d) for d in args.from_console]
     else:
         from luoagent.lab.build import build_lab
         from luoagent.report import Progress
@@ -209,30 +223,32 @@ def main() -> int:
         lab = build_lab(kernel=args.kernel, progress=Progress("lab"), selftests=False)
         echo = (lambda ln: print(ln, file=sys.stderr)) if args.console else None
         result = lab.run(["bench-liveupdate"], debug={"plan": plan_text(plan)}, progress=Progress("lab"), echo=echo)
-        run_dir = result.console_log.parent
-        (run_dir / "plan.json").write_text(json.dumps(plan))
+        run_dirs = [result.console_log.parent]
+        (run_dirs[0] / "plan.json").write_text(json.dumps(plan))
         lab_ok, lab_summary = result.ok, result.summary()
         progress(f"lab run {'ok' if result.ok else 'FAILED'} in {result.duration:.0f} s; console {result.console_log}")
-    from luoagent.lab.boot import CONSOLE_TIMES
-
-    rows_in = read_console_times(run_dir / CONSOLE_TIMES)
-    crossings, records, problems = blackout.parse_console(rows_in)
-    not_run = []
-    if args.from_console and not any("# lab-done:" in ln for _t, ln in rows_in):
-        # a run stopped before its end: only the runs it reached count; say which never ran
-        last = max((r.get("index", -1) for r in records), default=-1)
-        not_run = [f"run {i}: {p['path']} {blackout.config_name(p['ram_mib'], p['vms'])} (the lab run was stopped first)"
-                   for i, p in enumerate(plan) if i > last]
-        plan = plan[:last + 1]
-        for line in not_run:
-            progress(f"not run: {line}")
+    pooled_plan, crossings, records, problems, not_run, lab_cold = [], {}, [], [], [], {}
+    for run_dir in run_dirs:
+        # a directory without plan.json: the same --quick/--configs/--repeat as its run
+        dir_plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else plan
+        p_, c_, r_, pr_, nr_, rows_in = load_run(run_dir, dir_plan)
+        offset = len(pooled_plan)  # runs of later directories follow: their indexes shift
+        pooled_plan += p_
+        crossings.update({i + offset: c for i, c in c_.items()})
+        records += [{**r, "index": r["index"] + offset} for r in r_ if isinstance(r.get("index"), int)]
+        problems += [f"{run_dir.name}: {x}" for x in pr_]
+        not_run += [f"{run_dir.name}: {x}" for x in nr_]
+        lab_cold = lab_cold or blackout.parse_cold_start(rows_in)
+    plan = pooled_plan
+    for line in not_run:
+        progress(f"not run: {line}")
     rows = blackout.build_rows(plan, crossings, records, problems)
     for p in problems:
         progress(f"problem: {p}")
     chart_note = chart(rows, Path(args.chart))
     cold = [cold_start(Path(s)) for s in args.cold_start]
-    lab_cold = blackout.parse_cold_start(rows_in)
-    doc = {"lab_cold_start_s": lab_cold, "machine": {"before": host_before, "after": machine()}, "plan": plan, "run_dir": str(run_dir),
+    doc = {"lab_cold_start_s": lab_cold, "machine": {"before": host_before, "after": machine()}, "plan": plan,
+           "run_dirs": [str(d) for d in run_dirs],
            "wall_s": round(time.monotonic() - started, 1), "lab_ok": lab_ok, **blackout.to_json(rows),
            "cold_start": cold, "problems": problems, "not_run": not_run}
     code = blackout.exit_code(rows) or (0 if lab_ok else 1)
@@ -261,7 +277,7 @@ def main() -> int:
                   f"statement imports {c['importtime_top_us'] / 1000:.0f} ms")
         print(f"\n{chart_note}")
         print(f"load: {doc['machine']['before']['uptime']} (before) / {doc['machine']['after']['uptime']} (after)")
-        print(f"wall time {doc['wall_s']:.0f} s, {len(plan)} kexecs; console {run_dir}")
+        print(f"wall time {doc['wall_s']:.0f} s, {len(plan)} kexecs; console {', '.join(map(str, run_dirs))}")
     if not lab_ok:
         progress("the lab run failed:\n" + lab_summary)
     return code

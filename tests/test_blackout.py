@@ -207,3 +207,15 @@ def test_restore_help_imports_only_the_restore_workflow():
     assert "luoagent.workflows.ram_sample" in imported
     assert not imported & {"luoagent.workflows.trace", "luoagent.workflows.daemon", "luoagent.workflows.update",
                            "luoagent.lab.cli", "importlib.metadata"}
+
+
+def test_a_run_stopped_early_counts_only_the_runs_it_reached(tmp_path):
+    bench = _bench_module()
+    plan = bench.make_plan([(64, 1), (512, 1)], 1)  # 4 runs; the console below reached the first one
+    rows = console(0, 1000.0, result=luoagent_record(0))
+    (tmp_path / "console-times.tsv").write_text("".join(f"{t:.6f}\t{line}\n" for t, line in rows))
+    reached, crossings, records, problems, not_run, _rows_in = bench.load_run(tmp_path, plan)
+    assert reached == plan[:1] and sorted(crossings) == [0] and not problems
+    assert len(not_run) == 3 and "baseline 1x64MiB" in not_run[0]
+    built = bo.build_rows(reached, crossings, records, problems)
+    assert [(r.config, r.path, r.ok) for r in built] == [("1x64MiB", "luoagent", True)]
