@@ -1,7 +1,8 @@
 """Command-line entry point: parses arguments, sets up logging, dispatches to a workflow.
 
 Each workflow module adds its own options (configure); one that fails to import only
-disables its subcommand, so ``luoagent --help`` keeps working. Subsystems outside the
+disables its subcommand, so ``luoagent --help`` keeps working. Only the module of the command
+being run is imported (a restore right after kexec must not pay for every other workflow). Subsystems outside the
 production code (the lab) add commands through the ``luoagent.commands`` entry point group,
 so this module never names them."""
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib.metadata import entry_points
 
 from luoagent import __version__
 from luoagent.errors import LuoAgentError
@@ -32,20 +32,49 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 COMMAND_GROUP = "luoagent.commands"
 
 
-def _all_commands() -> dict[str, tuple[str, str]]:
-    """SUBCOMMANDS plus each ``luoagent.commands`` entry point (name -> module; HELP from it)."""
+def _all_commands(only: str | None = None) -> dict[str, tuple[str, str]]:
+    """SUBCOMMANDS plus each ``luoagent.commands`` entry point (name -> module; HELP from it).
+
+    With ``only``, just that command when it is found (a built-in one needs no entry point scan)."""
+    if only in SUBCOMMANDS:
+        return {only: SUBCOMMANDS[only]}
+    from importlib.metadata import entry_points  # ~50 ms: only when a contributed command may be wanted
+
     found = dict(SUBCOMMANDS)
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
-        if ep.name not in found:
+        if ep.name not in found and only in (None, ep.name):
             try:
                 help_text = getattr(importlib.import_module(ep.value), "HELP", "")
             except ImportError:
                 help_text = "(cannot load: run it to see why)"
             found[ep.name] = (ep.value, help_text)
+    if only is not None and only in found:
+        return {only: found[only]}
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: global options that take a value (their value is not the command name)
+_VALUED_GLOBALS = ("--log-format",)
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not a global option), or None."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _VALUED_GLOBALS:
+            skip = True
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; given the ``argv`` it will parse, it imports only the command named there
+    (every command's module when none, or an unknown one, is named: ``--help``, typo)."""
     parser = argparse.ArgumentParser(
         prog="luoagent",
         description="Live-update the host kernel (kexec + Live Update Orchestrator) "
@@ -65,9 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in _all_commands().items():
+    only = chosen_command(argv) if argv is not None else None
+    commands = _all_commands(only)
+    if only is not None and only not in commands:
+        commands = _all_commands()  # a typo: argparse names the valid choices
+    for name, (module, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if len(commands) > 1 and only is None and _wants_top_help(argv):
+            continue  # `luoagent --help` lists commands; their options are not needed
         try:
             importlib.import_module(module).configure(p)
         except ImportError as exc:  # keep --help usable; running the command reports it
@@ -75,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wants_top_help(argv: list[str] | None) -> bool:
+    return argv is not None and any(w in ("-h", "--help", "--version") for w in argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     from luoagent import log, report, testmode
 

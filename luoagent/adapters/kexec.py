@@ -130,6 +130,7 @@ def reboot_kexec(sync: bool = True) -> None:
     if sync:
         os.sync()
     log.info("kexec.reboot")
+    _kernel_log_reboot_call()
     ret = lib.sys_reboot_kexec()
     err = -ret if ret < 0 else 0
     why = {
@@ -138,6 +139,25 @@ def reboot_kexec(sync: bool = True) -> None:
         E.EBUSY: "a kexec load is in progress; retry",
     }.get(err, "the kernel refused (a live update freeze may have failed: check dmesg for 'luo')")
     raise errors.RebootRefused(f"reboot(LINUX_REBOOT_CMD_KEXEC) returned ({E.errorcode.get(err, err)}): {why}")
+
+
+#: the kernel log line written right before reboot(LINUX_REBOOT_CMD_KEXEC); boottime_ns is CLOCK_BOOTTIME
+REBOOT_CALL_MARK = "luoagent: reboot(LINUX_REBOOT_CMD_KEXEC) now, boottime_ns="
+
+
+def _kernel_log_reboot_call() -> None:
+    """Best effort: say in the kernel log (and so on the console, where the lab's host clock
+    sees it) the moment of the reboot call, so the time from it to the new kernel is measurable."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"{REBOOT_CALL_MARK}{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n".encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def bzimage_version(kernel: Path) -> str:

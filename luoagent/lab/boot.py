@@ -29,6 +29,7 @@ SYSTEMD_BOOT_TIMEOUT = 300.0
 BOOKKEEPING_TIMEOUT = 60.0  # between a stage's end and the next event (kexec load, finish)
 EXIT_TIMEOUT = 30.0        # "lab-done" -> QEMU gone
 TAIL_LINES = 50
+CONSOLE_TIMES = "console-times.tsv"  # beside console.log: "SECONDS<TAB>line" per console line
 KEEP_RUNS = 10
 
 
@@ -165,6 +166,7 @@ class RunItem:
     kernels: tuple[str, ...] | None = None      # kernel series per stage (scenario KERNELS)
     kernel_files: list[str] | None = None       # run-disk paths per stage, filled by Lab.run
     flavour: str = rootfs.DEFAULT_FLAVOUR        # rootfs flavour (FLAVOUR of the scenario)
+    disk_spare_mb: int = 0                      # free space the stages write into on /lab
 
     def params(self) -> dict:
         d = {"kind": self.kind, "name": self.name}
@@ -179,7 +181,7 @@ class RunItem:
     @classmethod
     def from_scenario(cls, info: ScenarioInfo, timeout: float | None = None) -> "RunItem":
         return cls("scenario", info.name, info.memory, timeout or info.timeout, module=info.module,
-                   kernels=info.kernels, flavour=info.flavour)
+                   kernels=info.kernels, flavour=info.flavour, disk_spare_mb=info.disk_spare_mb)
 
 
 def new_run_dir() -> Path:
@@ -229,7 +231,8 @@ def make_run_disk(run_dir: Path, *, kernel: Path, shim: Path, items: list[RunIte
     params = {"items": [i.params() for i in items], "debug": debug, "kernel": "bzImage",
               "shell": shell, "created": time.time(), "flavour": flavour}
     (staging / "params.json").write_text(json.dumps(params, indent=1))
-    size_mb = _dir_mb(staging) * 2 + 64
+    # mke2fs makes a sparse image: spare space costs host disk only once a stage writes it
+    size_mb = _dir_mb(staging) * 2 + 64 + max((i.disk_spare_mb for i in items), default=0)
     image = run_dir / "run.ext4"
     rootfs.make_ext4(staging, image, size_mb, label="luoagent-run", log=run_dir / "mke2fs.log")
     shutil.rmtree(staging, ignore_errors=True)
@@ -248,6 +251,7 @@ def _dir_mb(path: Path) -> int:
 
 
 def _reader(stream, q: queue.Queue) -> None:
+    """Console lines as (host monotonic arrival time, text): stamped here, as they arrive."""
     buf = b""
     while True:
         chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(4096)
@@ -256,9 +260,9 @@ def _reader(stream, q: queue.Queue) -> None:
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            q.put(line.decode(errors="replace").rstrip("\r"))
+            q.put((time.monotonic(), line.decode(errors="replace").rstrip("\r")))
     if buf:
-        q.put(buf.decode(errors="replace"))
+        q.put((time.monotonic(), buf.decode(errors="replace")))
     q.put(None)
 
 
@@ -297,7 +301,10 @@ def run_chain(*, qemu: Path, kernel: Path, root_image: Path, run_image: Path, it
     booted = False
     stage_name = ""
     try:
-        with open(console_log, "w", buffering=1) as log:
+        # every console line with the host's monotonic arrival time (s from QEMU start): a clock
+        # that runs on across the VM's kexecs, for time lines that span them (benchmarks)
+        with open(console_log, "w", buffering=1) as log, \
+                open(console_log.with_name(CONSOLE_TIMES), "w", buffering=1) as times:
             while True:
                 try:
                     line = q.get(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
@@ -311,7 +318,9 @@ def run_chain(*, qemu: Path, kernel: Path, root_image: Path, run_image: Path, it
                     continue
                 if line is None:
                     break
+                arrived, line = line
                 log.write(line + "\n")
+                times.write(f"{arrived - started:.6f}\t{line}\n")
                 lines.append(line)
                 if echo:
                     echo(line)

@@ -47,6 +47,12 @@ DEFAULT_RESCUE_DIR = Path("/var/lib/luoagent/rescue")
 INCOMING_FDSET = 0x4C56
 
 
+def boot_clock_ns() -> int:
+    """CLOCK_BOOTTIME: the clock the kernel's own boot messages count from, so the restore's
+    steps line up with the kernel's in one time line (`*_boot_ns` timings)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
 def configure(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("--qemu", metavar="PATH", help="QEMU binary (default: the one recorded, else PATH)")
@@ -279,6 +285,7 @@ async def start_incoming(
     cont-issued, then resumed or loaded)."""
     note = note or (lambda **facts: None)
     t_start = time.time_ns()
+    out.timings["qemu_launch_boot_ns"] = boot_clock_ns()
     binary = _binary(vm, opts)
     argv = qemu_ram.restore_argv(vm.argv, mem_paths)
     argv += identity_args(vm, argv)
@@ -299,6 +306,7 @@ async def start_incoming(
         q = await qmp_client.Qmp.connect(vm.qmp_socket, timeout=opts.timeout, process=proc)
         try:
             out.timings["qemu_up_ns"] = time.time_ns()
+            out.timings["qemu_up_boot_ns"] = boot_clock_ns()
             # QEMU drops privileges before it serves QMP: by now it must be who it was
             now = procfs.identity(proc.pid)
             if now != (vm.uid, vm.gid):
@@ -314,6 +322,7 @@ async def start_incoming(
             testmode.fault("restore-vm", vm.name, RestoreError)
             await cpr.load(q, f"file:/dev/fdset/{INCOMING_FDSET}", timeout=opts.timeout)
             out.timings["incoming_done_ns"] = time.time_ns()
+            out.timings["incoming_done_boot_ns"] = boot_clock_ns()
             if vm.was_running and await q.status() != "running":
                 note(step="cont-issued")  # from here on this guest may run: never started again
                 try:
@@ -327,6 +336,7 @@ async def start_incoming(
             note(step="resumed" if vm.was_running else "loaded")
             out.status = await q.status()
             out.timings["running_ns"] = time.time_ns()
+            out.timings["running_boot_ns"] = boot_clock_ns()
             with contextlib.suppress(LuoAgentError):
                 await q.execute("remove-fd", {"fdset-id": INCOMING_FDSET})
             expected = "running" if vm.was_running else "paused"
@@ -663,8 +673,10 @@ class RestoreJob:
     async def run(self) -> dict:
         t0 = time.monotonic()
         progress = self.opts.reporter
+        clock = {"luo_open_boot_ns": boot_clock_ns()}  # the agent's first LUO call
         try:
             msession, manifest = retrieve_manifest(self.source)
+            clock["manifest_retrieved_boot_ns"] = boot_clock_ns()
         except LuoAgentError:
             if self.source.has(mf.MANIFEST_SESSION):
                 self.source.release(mf.MANIFEST_SESSION)
@@ -696,6 +708,7 @@ class RestoreJob:
             "resumed_restore": self.journal.previous is not None,
             "kexec_requested_ns": self.kexec_requested_ns,
             "boot_started_ns": _boot_started_ns(),
+            "boot_clock_ns": clock,
             "vms": [o.__dict__ for o in outcomes],
         }
 
@@ -736,6 +749,7 @@ class RestoreJob:
         released = False
         try:
             note(step="retrieving")
+            out.timings["retrieve_boot_ns"] = boot_clock_ns()
             session = self.source.retrieve_session(vm.session)
             for r in vm.ram:
                 fd = session.retrieve(r.token)
@@ -747,6 +761,7 @@ class RestoreJob:
             size = memfd.size(vmstate_fd)
             if size != vm.vmstate.size:
                 raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
+            out.timings["retrieved_boot_ns"] = boot_clock_ns()
             await testmode.pause("restore-after-retrieve", vm.name)
             _check_ram_sample(vm, ram_fds, self.opts, out)
             mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}

@@ -1,6 +1,7 @@
 """Registry of lab scenarios: every module in this package with NAME and stages() is one.
 
-A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT/KERNELS/FLAVOUR, and stages()."""
+A scenario (contract: `luoagent.lab.stage.StageContext`) exposes NAME, DESCRIPTION, optional MEMORY/SLOW/TIMEOUT/
+KERNELS/FLAVOUR/RUN_DISK_SPARE_MB (free space the stages need on /lab), and stages()."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class ScenarioInfo:
     timeout: float
     kernels: tuple[str, ...] | None = None   # kernel series per stage (KERNELS), None: the lab kernel
     flavour: str = "custom-init"             # rootfs flavour (FLAVOUR): custom-init or systemd
+    disk_spare_mb: int = 0   # free MB on the run disk (/lab) the stages write into (RUN_DISK_SPARE_MB)
 
 
 def _info(mod: ModuleType) -> ScenarioInfo:
@@ -41,6 +43,7 @@ def _info(mod: ModuleType) -> ScenarioInfo:
         timeout=float(getattr(mod, "TIMEOUT", DEFAULT_STAGE_TIMEOUT)),
         kernels=tuple(str(k) for k in mod.KERNELS) if getattr(mod, "KERNELS", None) else None,
         flavour=_flavour(mod),
+        disk_spare_mb=int(getattr(mod, "RUN_DISK_SPARE_MB", 0)),
     )
 
 
