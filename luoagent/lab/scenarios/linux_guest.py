@@ -2,7 +2,7 @@
 a bridge, carried through `luoagent update` (real kexec) and `luoagent restore`.
 
 The guest (the lab's own kernel + a static C init, luoagent/lab/linux_guest.py) keeps rewriting a
-16 MiB memory region with a running checksum it re-verifies every second, appends fsync'd,
+4 MiB memory region with a running checksum it re-verifies every second, appends fsync'd,
 sequence-numbered, checksummed records to its disk, and answers on 10.0.2.15:7000 with its boot
 id, uptime, last acknowledged record and memory verdicts. Its kernel would need over ten minutes
 to boot under nested TCG, so it boots on the host at lab build time and is saved there
@@ -205,10 +205,12 @@ def stage_start_and_update(ctx) -> None:
         qemu_dead(f"loading the saved guest failed: {info}")
         raise RuntimeError("the Linux guest could not be resumed")
     ctx.diag(f"saved Linux guest loaded in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
     try:
         first = wait_guest(300)
+        ctx.diag(f"first answer {time.monotonic() - t0:.0f} s after the load: {first}")
         # the disk writer must be running here, in the lab VM, not only on the host
-        before = wait_guest(120, want_ack=first["last_ack"])
+        before = wait_guest(300, want_ack=first["last_ack"])
     except RuntimeError as exc:
         qemu_dead(str(exc))
         raise
@@ -245,12 +247,14 @@ def stage_restore(ctx) -> None:
     ctx.check(r.returncode == 0 and doc.get("ok"), RESTORED, json.dumps(doc)[-1500:])
     # what the guest had acknowledged when the update began is the floor; the update itself
     # stopped it later, so the disk may hold more
+    t0 = time.monotonic()
     try:
-        after = wait_guest(120, want_ack=before["last_ack"])
+        after = wait_guest(300, want_ack=before["last_ack"])
     except RuntimeError as exc:
         ctx.not_ok(SAME_ADDRESS, str(exc))
         return
     ctx.ok(SAME_ADDRESS)
+    ctx.diag(f"Linux guest answered {time.monotonic() - t0:.0f} s after restore returned")
     ctx.diag(f"Linux guest before update: {before}")
     ctx.diag(f"Linux guest after restore: {after}")
     ctx.check(after["boot_id"] == before["boot_id"] and after["uptime_ns"] > before["uptime_ns"], NO_REBOOT,
