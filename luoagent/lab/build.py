@@ -4,6 +4,7 @@ Kernel (kernel.py), rootfs tree + image and the VM's cffi shim (rootfs.py), the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,7 +140,7 @@ class Lab:
         for n, (memory, group) in enumerate(boot.group_by_memory(items)):
             sub = run_dir if n == 0 else run_dir / f"vm{n}"
             sub.mkdir(exist_ok=True)
-            extras = self._extras(group)
+            extras = self._extras(group, progress)
             if group[0].flavour == "systemd":  # installed by the VM as a host's package would
                 extras["units"] = resources.shipped_units()
             kernels = self._stage_kernels(group, progress)
@@ -233,14 +234,14 @@ class Lab:
             return _resolve_kernel(env, None, progress)
         return Path(kernel_mod.build_kernel(version=series, progress=progress))
 
-    def _extras(self, group: list[boot.RunItem]) -> dict[str, Path]:
+    def _extras(self, group: list[boot.RunItem], progress: Progress | None = None) -> dict[str, Path]:
         extras: dict[str, Path] = {}
         if self.guest is not None:
             extras["guest"] = self.guest.parent if self.guest.is_file() else self.guest
         if self.selftests is not None and any(i.kind == "selftest" for i in group):
             extras["selftests"] = self.selftests
         if any(i.name == "linux-guest" for i in group):
-            extras["linux-guest"] = _build_linux_guest()
+            extras["linux-guest"] = _build_linux_guest(self.qemu, self.kernel, progress or Progress(quiet=True))
         return extras
 
     def shell(self, memory: str = "1G", flavour: str = rootfs.DEFAULT_FLAVOUR) -> int:
@@ -328,16 +329,23 @@ def _build_guest(progress: Progress) -> Path:
     return art / name
 
 
-def _build_linux_guest() -> Path:
-    """The Linux guest's initramfs (static C init), cached by its sources and the compiler."""
+def _build_linux_guest(qemu: Path, kernel: Path, progress: Progress) -> Path:
+    """The Linux guest: its initramfs (static C init) and the running guest saved after a boot
+    on the host with the lab kernel; cached by sources, compiler, kernel and QEMU."""
     from luoagent.lab import linux_guest
 
     art = cache.Artifact("linux-guest", cache.inputs_hash(Path(linux_guest.__file__), linux_guest.SOURCE,
-                                                         kernel_mod.compiler_identity()))
+                                                         kernel_mod.compiler_identity(), Path(kernel),
+                                                         Path(qemu)))
     with art.lock():
-        if not (art.path / "initramfs.cpio").is_file():
+        if not (art.path / "state.mig").is_file():
+            progress.phase("linux-guest: build, boot on the host and save")
             with art.build(replace=True) as tmp:
                 linux_guest.build(tmp)
+                info = linux_guest.snapshot(qemu, kernel, tmp)
+                (tmp / "snapshot.json").write_text(json.dumps(info) + "\n")
+            progress.log(f"linux-guest: booted on the host in {info['boot_s']} s, saved "
+                         f"{info['state_bytes'] >> 20} MiB of state ({info['total_s']} s in all)")
     return art.path
 
 
