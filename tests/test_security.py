@@ -401,7 +401,9 @@ def test_stray_test_switches_do_not_skip_the_real_checks(tmp_path, switches):
     checks (which fail on this LUO-less kernel) before touching anything."""
     from pathlib import Path
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **switches)
+    # its own run dir and VM root: another update on this machine must not hold their lock
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), LUOAGENT_RUN_DIR=str(tmp_path / "run"),
+               LUOAGENT_VM_ROOT=str(tmp_path / "vms"), **switches)
     kernel = tmp_path / "bzImage"
     data = bytearray(8192)
     data[0x1FE:0x200] = b"\x55\xaa"
