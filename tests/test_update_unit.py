@@ -204,6 +204,20 @@ def test_demo_summary_reads_the_scenarios_diag_lines():
     assert "kernel 7.2.13 -> 7.3.4" in text and "RAM blocks of 532,480 B" in text and "at most 204,800 B" in text and "100 before update -> 200 after restore" in text and "PASS" in text
 
 
+def test_demo_linux_guest_story_keeps_its_checks_and_telling_lines():
+    from luoagent.lab import demo
+
+    diag = ["Linux guest booted on the host in 22.6 s and saved (36576448 bytes)",
+            "update: [update] sync done in 1.688 s",
+            "restore: [restore] lg: running (pid 46), blackout 70.823 s = save 1.394 + cont 0.405",
+            "disk: 80 records 1..80, all valid; acknowledged before update 41, now 80"]
+    story = demo.linux_guest_story([(True, "guest up"), (False, "records on disk")], diag)
+    assert story["checks"] == [{"ok": True, "check": "guest up"}, {"ok": False, "check": "records on disk"}]
+    assert story["notes"] == [diag[0], "restore: running (pid 46), blackout 70.823 s = save 1.394 + cont 0.405", diag[3]]
+    text = demo.render_linux_guest(story, False, 600.0)
+    assert "NOT OK records on disk" in text and "80 records 1..80" in text and "FAIL: scenario linux-guest" in text
+
+
 def test_test_switches_are_ignored_outside_test_mode(monkeypatch):
     monkeypatch.setenv(testmode.FAULT_ENV, "after-quiesce")
     monkeypatch.setenv(testmode.SKIP_ENV, "luo,kexec-load")

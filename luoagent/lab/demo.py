@@ -1,6 +1,8 @@
 """`luoagent lab demo`: build the lab if needed, run the kernel-change scenario in it and tell the
 story: guests keep counting while the lab's kernel is replaced by another release and back
 (7.2 -> 7.3 -> 7.2); `--scenario vm-update` tells the same-kernel story with its rollbacks.
+Then (unless `--no-linux-guest`) the linux-guest scenario in the same VM: a Linux guest's disk
+records, memory checksum and TCP service across a kexec.
 
 The scenario does the work inside the lab VM (vm start, luoagent update → kexec, luoagent restore,
 rollbacks); this module echoes its progress live and summarises its KTAP/diag lines."""
@@ -50,6 +52,32 @@ def configure(parser) -> None:
     parser.add_argument("--scenario", choices=SCENARIOS, default=SCENARIO,
                         help=f"which story: {SCENARIOS[0]} (7.2 -> 7.3 -> 7.2, default) or {SCENARIOS[1]} "
                         "(same kernel, with rollbacks)")
+    parser.add_argument("--no-linux-guest", action="store_true",
+                        help="skip the Linux guest's story (it adds several minutes under nested TCG)")
+
+
+#: linux-guest diag lines worth telling (luoagent/lab/scenarios/linux_guest.py)
+_GUEST_NOTE = re.compile(r"(Linux guest booted on the host|saved Linux guest loaded|first answer|"
+                         r"Linux guest (before update|after restore)|restore: \[restore\] lg: running|disk: )")
+
+
+def linux_guest_story(checks: list[tuple[bool, str]], diag_lines: list[str]) -> dict:
+    """The Linux guest's results and the diag lines that tell its story (pure)."""
+    notes = [ln.strip() for ln in diag_lines if _GUEST_NOTE.search(ln)]
+    return {"checks": [{"ok": ok, "check": desc} for ok, desc in checks],
+            "notes": [n.replace("restore: [restore] lg: ", "restore: ") for n in notes]}
+
+
+def render_linux_guest(story: dict, passed: bool, duration: float) -> str:
+    out = ["", "=== a Linux guest (lab kernel + static C init; virtio-blk records, virtio-net on tap0/br0) "
+               "across luoagent update -> kexec -> restore ==="]
+    out += [f"  {'ok    ' if c['ok'] else 'NOT OK'} {c['check']}" for c in story["checks"]]
+    out += [f"  | {n}" for n in story["notes"]]
+    if not story["checks"]:
+        out.append("  (the linux-guest scenario reported nothing)")
+    out.append(f"{'PASS' if passed else 'FAIL'}: scenario linux-guest; {duration:.0f} s wall for the whole demo run "
+               "(both scenarios)")
+    return "\n".join(out)
 
 
 def summarize(diag_lines: list[str]) -> dict:
@@ -176,17 +204,29 @@ def run(args) -> int:
         elif _LIVE.search(line):
             say("  | " + line.strip())
 
-    result = lab.run([scenario], echo=echo)
+    with_guest = not getattr(args, "no_linux_guest", False)
+    if with_guest:
+        say("then, in the same lab VM: a Linux guest (booted on the host, resumed there) across one more update")
+    result = lab.run([scenario, *(["linux-guest"] if with_guest else [])], echo=echo)
     sc = result.scenarios.get(scenario)
     diag = [d for t in (sc.tests if sc else []) for d in t.diag] + (sc.diag if sc else [])
     # the KTAP parser attaches diag lines to results; the console has them in order too
     lines = [ln.strip().lstrip("#").strip() for ln in result.console.splitlines() if ln.strip().startswith("#")]
     story = (summarize_releases if scenario == "kernel-change" else summarize)(lines or diag)
     passed = bool(result.ok)
+    guest_story = None
+    if with_guest:
+        lg = result.scenarios.get("linux-guest")
+        guest_story = linux_guest_story([(t.ok, t.description) for t in (lg.tests if lg else [])],
+                                        [d for t in (lg.tests if lg else []) for d in t.diag] + (lg.diag if lg else []))
     if want_json:
-        print(json.dumps({"ok": passed, "story": story, "lab": result.to_json()}, indent=1))
+        print(json.dumps({"ok": passed, "story": story, "linux_guest": guest_story, "lab": result.to_json()}, indent=1))
     else:
-        print((render_releases if scenario == "kernel-change" else render)(story, passed, result.duration))
+        print((render_releases if scenario == "kernel-change" else render)(story, bool(sc and sc.passed),
+                                                                            result.duration))
+        if guest_story is not None:
+            lg = result.scenarios.get("linux-guest")
+            print(render_linux_guest(guest_story, bool(lg and lg.passed), result.duration))
         if not passed:
             print(result.summary())
             print(f"console: {result.console_log}")

@@ -2,7 +2,7 @@
 a bridge, carried through `luoagent update` (real kexec) and `luoagent restore`.
 
 The guest (the lab's own kernel + a static C init, luoagent/lab/linux_guest.py) keeps rewriting a
-4 MiB memory region with a running checksum it re-verifies every second, appends fsync'd,
+2 MiB memory region with a running checksum it re-verifies every 2 s, appends fsync'd,
 sequence-numbered, checksummed records to its disk, and answers on 10.0.2.15:7000 with its boot
 id, uptime, last acknowledged record and memory verdicts. Its kernel would need over ten minutes
 to boot under nested TCG, so it boots on the host at lab build time and is saved there
@@ -108,15 +108,21 @@ def ask_guest(timeout: float = 5.0) -> dict:
     return {k: (v if k == "boot_id" else int(v)) for k, v in (kv.split("=", 1) for kv in data.decode().split())}
 
 
-def wait_guest(deadline_s: float, want_ack: int = 0) -> dict:
-    deadline = time.monotonic() + deadline_s
+def wait_guest(deadline_s: float, want_ack: int = 0, want_mem_ok: int = 0, log=None) -> dict:
+    """The guest's first answer with more records acknowledged than ``want_ack`` and more
+    memory verifications than ``want_mem_ok`` (RuntimeError after ``deadline_s``); ``log``
+    receives each new kind of failed attempt with its time, to tell slow from unreachable."""
+    started = time.monotonic()
+    deadline = started + deadline_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             st = ask_guest()
-            if st["last_ack"] > want_ack and st["mem_ok"] > 0:
+            if st["last_ack"] > want_ack and st["mem_ok"] > want_mem_ok:
                 return st
         except (OSError, ValueError, KeyError) as exc:
+            if log is not None and repr(exc) != repr(last):
+                log(f"{time.monotonic() - started:.0f} s: {exc!r}")
             last = exc
         time.sleep(1)
     raise RuntimeError(f"the Linux guest did not answer on {lg.GUEST_IP}:{lg.PORT} in {deadline_s:.0f} s: {last}")
@@ -207,7 +213,7 @@ def stage_start_and_update(ctx) -> None:
     ctx.diag(f"saved Linux guest loaded in {time.monotonic() - t0:.1f} s")
     t0 = time.monotonic()
     try:
-        first = wait_guest(300)
+        first = wait_guest(300, log=lambda m: ctx.diag(f"asking the guest: {m}"))
         ctx.diag(f"first answer {time.monotonic() - t0:.0f} s after the load: {first}")
         # the disk writer must be running here, in the lab VM, not only on the host
         before = wait_guest(300, want_ack=first["last_ack"])
@@ -249,7 +255,7 @@ def stage_restore(ctx) -> None:
     # stopped it later, so the disk may hold more
     t0 = time.monotonic()
     try:
-        after = wait_guest(300, want_ack=before["last_ack"])
+        after = wait_guest(300, want_ack=before["last_ack"], log=lambda m: ctx.diag(f"asking the guest: {m}"))
     except RuntimeError as exc:
         ctx.not_ok(SAME_ADDRESS, str(exc))
         return
@@ -259,18 +265,18 @@ def stage_restore(ctx) -> None:
     ctx.diag(f"Linux guest after restore: {after}")
     ctx.check(after["boot_id"] == before["boot_id"] and after["uptime_ns"] > before["uptime_ns"], NO_REBOOT,
               f"before {before}, after {after}")
-    time.sleep(2)
-    later = ask_guest()
+    later = wait_guest(180, want_ack=after["last_ack"], want_mem_ok=after["mem_ok"])
     ctx.check(later["mem_bad"] == 0 and later["mem_ok"] > after["mem_ok"] >= before["mem_ok"], MEMORY_OK,
-              f"after {after}, 2 s later {later}")
-    ctx.check(later["last_ack"] > after["last_ack"], RECORDS_CONTINUE, f"after {after}, 2 s later {later}")
+              f"after {after}, later {later}")
+    ctx.check(later["last_ack"] > after["last_ack"], RECORDS_CONTINUE, f"after {after}, later {later}")
+    # stopped before reading, so no record is half-written while the disk is read
+    kc.agent("vm", "stop", VM, "--force")
     seqs, problems = read_records(DISK)
     top = max(seqs) if seqs else 0
     ctx.check(not problems and seqs == list(range(1, top + 1)) and top >= later["last_ack"] >= before["last_ack"],
               RECORDS, f"{len(seqs)} records, top {top}, acknowledged {later['last_ack']}; {problems[:5]}")
     ctx.diag(f"disk: {len(seqs)} records 1..{top}, all valid; acknowledged before update {before['last_ack']}, "
-             f"now {later['last_ack']}")
-    kc.agent("vm", "stop", VM, "--force")
+             f"then {later['last_ack']}")
 
 
 def stages():
