@@ -251,7 +251,8 @@ def main() -> int:
            "run_dirs": [str(d) for d in run_dirs],
            "wall_s": round(time.monotonic() - started, 1), "lab_ok": lab_ok, **blackout.to_json(rows),
            "cold_start": cold, "problems": problems, "not_run": not_run}
-    code = blackout.exit_code(rows) or (0 if lab_ok else 1)
+    # an incomplete matrix is not a pass either: what did not run is listed, with no figure
+    code = blackout.exit_code(rows) or (0 if lab_ok and not not_run else 1)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
