@@ -74,6 +74,11 @@ def _report() -> dict:
 def start_and_check_pushed(ctx) -> None:
     """Stage before a kexec: install and start the bystander with fresh random content."""
     STATE_DIR.mkdir(exist_ok=True)
+    if Path("/etc/systemd/system", UNIT).exists():
+        # an earlier scenario of this run left its memfd in the store (it survives stop and
+        # kexec: FileDescriptorStorePreserve=yes); this one must push its own
+        _systemctl("stop", UNIT)
+        _systemctl("clean", "--what=fdstore", UNIT)
     content = secrets.token_bytes(CONTENT_BYTES)
     (STATE_DIR / "content").write_bytes(content)
     (STATE_DIR / "report.json").unlink(missing_ok=True)

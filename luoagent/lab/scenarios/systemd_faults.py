@@ -36,6 +36,7 @@ TIMEOUT = 900.0
 KEY = "systemd-faults"
 VMS = su.VMS
 TEST_DROP_IN = Path("/etc/systemd/system/luoagent.service.d/luoagent-lab-test-mode.conf")
+CONSOLE_DROP_IN = Path("/etc/systemd/system/luoagent.service.d/luoagent-lab-console.conf")
 PAUSE_WAIT = 400.0
 OUT = Path("/lab/systemd-faults")    # the run disk: survives the kexec
 
@@ -131,6 +132,9 @@ def stage_stop_then_update(ctx) -> None:
 
     st = ctx.state.setdefault(KEY, {})
     st["boot_id"] = ctx.boot_id
+    # while experimental: the daemon's log on the console too, to see what precedes a refused kexec
+    CONSOLE_DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+    CONSOLE_DROP_IN.write_text("[Service]\nStandardError=journal+console\n")
     if not host_units.install_and_start(ctx):
         raise RuntimeError("luoagent.service is not serving")
     vms = {vm: su.start_vm(vm, secrets.randbits(48)) for vm in VMS}
