@@ -16,19 +16,29 @@ import sys
 import time
 from pathlib import Path
 
-UNIT = "luoagent-lab-bystander.service"
+UNIT_PREFIX = "luoagent-lab-bystander-"
 FDNAME = "bystander-canary"
 CONTENT_BYTES = 1 << 20
 STATE_DIR = Path("/lab/bystander")   # the run disk: survives the kexec
-UNIT_TEXT = f"""# lab fixture: keeps one memfd in its fd store across kexec (luoagent/lab/bystander.py)
+UNIT_TEXT = """# lab fixture: keeps one memfd in its fd store across kexec (luoagent/lab/bystander.py)
 [Service]
 Type=notify
 NotifyAccess=main
 Environment=PYTHONPATH=/lab/agent
-ExecStart=/usr/bin/python3 -m luoagent.lab.bystander {STATE_DIR}
+ExecStart=/usr/bin/python3 -m luoagent.lab.bystander {state_dir}
 FileDescriptorStoreMax=1
 FileDescriptorStorePreserve=yes
 """
+
+
+def unit(ctx) -> str:
+    """The scenario's own bystander unit: a chained earlier scenario's memfd stays in its own
+    unit's store (it survives stop and kexec: FileDescriptorStorePreserve=yes), never in ours."""
+    return f"{UNIT_PREFIX}{ctx.scenario}.service"
+
+
+def state_dir(ctx) -> Path:
+    return STATE_DIR / ctx.scenario
 
 PUSHED = "bystander unit pushed its memfd into its fd store (NFileDescriptorStore=1)"
 KHO_EXEC = "the new boot came through a KHO kexec (dmesg: KHO: exec from:)"
@@ -67,23 +77,25 @@ def _systemctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120)
 
 
-def _report() -> dict:
-    return json.loads((STATE_DIR / "report.json").read_text())
+def _report(ctx) -> dict:
+    path = state_dir(ctx) / "report.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def start_and_check_pushed(ctx) -> None:
     """Stage before a kexec: install and start the bystander with fresh random content."""
-    STATE_DIR.mkdir(exist_ok=True)
+    here = state_dir(ctx)
+    here.mkdir(parents=True, exist_ok=True)
     content = secrets.token_bytes(CONTENT_BYTES)
-    (STATE_DIR / "content").write_bytes(content)
-    (STATE_DIR / "report.json").unlink(missing_ok=True)
+    (here / "content").write_bytes(content)
+    (here / "report.json").unlink(missing_ok=True)
     ctx.state["bystander_sha256"] = hashlib.sha256(content).hexdigest()
     # /etc is on the root disk: its QEMU overlay lives across every kexec of the run
-    Path("/etc/systemd/system", UNIT).write_text(UNIT_TEXT)
+    Path("/etc/systemd/system", unit(ctx)).write_text(UNIT_TEXT.format(state_dir=here))
     _systemctl("daemon-reload")
-    started = _systemctl("start", UNIT)
-    stored = _systemctl("show", "-P", "NFileDescriptorStore", UNIT).stdout.strip()
-    report = _report() if (STATE_DIR / "report.json").exists() else {}
+    started = _systemctl("start", unit(ctx))
+    stored = _systemctl("show", "-P", "NFileDescriptorStore", unit(ctx)).stdout.strip()
+    report = _report(ctx)
     ctx.check(started.returncode == 0 and stored == "1" and report.get("action") == "pushed"
               and report.get("sha256") == ctx.state["bystander_sha256"], PUSHED,
               f"start exit {started.returncode} {started.stderr.strip()}; NFileDescriptorStore={stored!r}; "
@@ -114,23 +126,24 @@ def check_after_kexec(ctx) -> None:
     """Stage after `systemctl kexec`: KHO said so, and the unit got the same bytes back."""
     kho = kernel_log("KHO: exec from:")
     ctx.check(bool(kho), KHO_EXEC, "no 'KHO: exec from:' in the kernel log")
-    stored = _systemctl("show", "-P", "NFileDescriptorStore", UNIT).stdout.strip()
-    (STATE_DIR / "report.json").unlink(missing_ok=True)
-    started = _systemctl("start", UNIT)
+    here = state_dir(ctx)
+    stored = _systemctl("show", "-P", "NFileDescriptorStore", unit(ctx)).stdout.strip()
+    (here / "report.json").unlink(missing_ok=True)
+    started = _systemctl("start", unit(ctx))
     deadline = time.monotonic() + 60
-    while not (STATE_DIR / "report.json").exists() and time.monotonic() < deadline:
+    while not (here / "report.json").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    report = _report() if (STATE_DIR / "report.json").exists() else {}
+    report = _report(ctx)
     ctx.check(report.get("action") == "handed back" and report.get("names") == [FDNAME], HANDED_BACK,
               f"NFileDescriptorStore before start={stored!r}; start exit {started.returncode} "
-              f"{started.stderr.strip()}; report {report}; journal:\n{_journal()}")
+              f"{started.stderr.strip()}; report {report}; journal:\n{_journal(unit(ctx))}")
     ctx.check(report.get("sha256") == ctx.state.get("bystander_sha256")
               and report.get("size") == CONTENT_BYTES, BYTES_INTACT,
               f"expected sha256 {ctx.state.get('bystander_sha256')} size {CONTENT_BYTES}, got {report}")
 
 
-def _journal() -> str:
-    out = subprocess.run(["journalctl", "-b", "--no-pager", "-n", "40", "-u", UNIT],
+def _journal(name: str) -> str:
+    out = subprocess.run(["journalctl", "-b", "--no-pager", "-n", "40", "-u", name],
                          capture_output=True, text=True)
     return (out.stdout or out.stderr)[-3000:]
 
