@@ -5,8 +5,16 @@ Both FAIL (never skip) when they cannot be provided: a missing lab is a red test
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
+
+# Every luoagent command a test runs gets a private run dir and VM root unless the test sets its
+# own: a test run never takes the lock of, or sees, a real daemon's /run/luoagent on the machine
+# (nor another test run's).
+_PRIVATE = tempfile.mkdtemp(prefix="luoagent-tests-")
+os.environ.setdefault("LUOAGENT_RUN_DIR", os.path.join(_PRIVATE, "run"))
+os.environ.setdefault("LUOAGENT_VM_ROOT", os.path.join(_PRIVATE, "vms"))
 
 # Lab artifacts are built once, after collection and before the first test, so a cold build
 # (kernel ~5-16 min, rootfs ~1-2 min) never counts toward any single test's timeout.
