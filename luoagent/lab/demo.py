@@ -212,6 +212,8 @@ def run(args) -> int:
     diag = [d for t in (sc.tests if sc else []) for d in t.diag] + (sc.diag if sc else [])
     # the KTAP parser attaches diag lines to results; the console has them in order too
     lines = [ln.strip().lstrip("#").strip() for ln in result.console.splitlines() if ln.strip().startswith("#")]
+    # the main story ends where the Linux guest's scenario begins (its VM "lg" is not one of it)
+    lines = lines[:next((i for i, ln in enumerate(lines) if ln == "Subtest: linux-guest"), len(lines))]
     story = (summarize_releases if scenario == "kernel-change" else summarize)(lines or diag)
     passed = bool(result.ok)
     guest_story = None
