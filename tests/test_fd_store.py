@@ -249,6 +249,41 @@ def test_a_failing_systemctl_kexec_rolls_back_with_its_reason(tmp_path, monkeypa
     assert u.kexec_requested_ns == 0  # a signal now is a rollback again
 
 
+def test_systemctl_killed_by_the_shutdown_it_started_is_not_a_rollback(tmp_path, monkeypatch):
+    """The race seen in the systemd lab: the shutdown's SIGTERM reaches the daemon and, at the
+    same moment, kills a systemctl still running in the service's cgroup (non-zero exit)."""
+    from luoagent.adapters import systemctl
+    from luoagent.errors import KexecError
+
+    u = _update(tmp_path)
+    holder = {}
+
+    def killed_by_the_shutdown():
+        u.interrupt(signal.SIGTERM, holder["task"])
+        raise KexecError("`systemctl kexec` failed (exit -15): no message")
+
+    monkeypatch.setattr(systemctl, "kexec", killed_by_the_shutdown)
+
+    async def scenario():
+        holder["task"] = asyncio.ensure_future(u._systemctl_kexec())
+        return await asyncio.wait_for(holder["task"], 5)
+
+    result = asyncio.run(scenario())
+    assert result["status"].startswith("kexec requested through systemctl") and not u.interrupted
+    assert u.kexec_requested_ns > 0  # no rollback: the image stays loaded for systemd-shutdown
+
+
+def test_systemctl_kexec_does_not_wait_for_the_shutdown(monkeypatch):
+    import subprocess as sp
+
+    from luoagent.adapters import systemctl
+
+    seen = []
+    monkeypatch.setattr(sp, "run", lambda argv, **kw: seen.append(argv) or sp.CompletedProcess(argv, 0, "", ""))
+    systemctl.kexec()
+    assert seen == [["systemctl", "--no-block", "kexec"]]
+
+
 def test_the_cli_and_a_daemon_without_store_reboot_directly(tmp_path):
     from luoagent.workflows import update
 

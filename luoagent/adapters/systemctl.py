@@ -54,11 +54,13 @@ def unit_active(unit: str, timeout: float = 30.0) -> bool:
 
 
 def kexec(timeout: float = 120.0) -> None:
-    """``systemctl kexec``: start the orderly shutdown that ends in a kexec of the image that
-    is already loaded (kexec_file_load: only those carry KHO data). Returns once the manager
-    took the job; KexecError with systemctl's words if it refused (nothing has stopped then)."""
+    """``systemctl kexec --no-block``: start the orderly shutdown that ends in a kexec of the
+    image that is already loaded (kexec_file_load: only those carry KHO data). Returns once the
+    manager queued the job; KexecError with systemctl's words if it refused (nothing has
+    stopped then). --no-block: a waiting systemctl runs in our service's cgroup and is killed
+    by the very shutdown it started, and its non-zero exit would look like a refusal."""
     try:
-        r = subprocess.run(["systemctl", "kexec"], capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(["systemctl", "--no-block", "kexec"], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise KexecError(f"`systemctl kexec` could not be run: {exc}") from None
     if r.returncode != 0:

@@ -684,8 +684,11 @@ class _Update:
         try:
             await asyncio.to_thread(systemctl.kexec)
         except LuoAgentError:
-            self.kexec_requested_ns = 0  # nothing stopped: roll back with systemctl's reason
-            raise
+            if self.shutdown_signal.is_set():  # the shutdown is under way after all: never roll back
+                self.progress.log("`systemctl kexec` exited non-zero but the orderly shutdown already stops us")
+            else:
+                self.kexec_requested_ns = 0  # nothing stopped: roll back with systemctl's reason
+                raise
         await self.shutdown_signal.wait()
         return self._result("kexec requested through systemctl; the orderly shutdown is under way")
 
