@@ -63,11 +63,51 @@ def _write_atomic(path: Path, doc: dict) -> None:
 
 
 @dataclass
-class Journal:
-    """The journal of one running update; ``record_*`` write it before the step they name."""
+class JsonJournal:
+    """A journal document on disk, rewritten whole (``_write_atomic``) by every ``record*``:
+    the shared mechanics of the update journal and the restore journal (restore_journal.py)."""
 
     path: Path
     doc: dict = field(default_factory=dict)
+
+    def _flush(self) -> None:
+        _write_atomic(self.path, self.doc)
+
+    def record(self, **facts) -> None:
+        self.doc.update(facts)
+        self._flush()
+
+    def record_vm(self, name: str, **facts) -> None:
+        self.doc["vms"].setdefault(name, {}).update(facts)
+        self._flush()
+
+    def finish(self) -> None:
+        """The job left nothing to undo or resume: drop the journal."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def read_document(path: Path, kind: str, schema: int) -> dict | None:
+    """The ``kind`` ("update", "restore") journal at ``path``, or None when there is none. A
+    torn file cannot exist (rename); anything else unreadable is a JournalError."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise JournalError(f"cannot read the {kind} journal {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or doc.get("schema") != schema or not isinstance(doc.get("vms"), dict):
+            raise ValueError(f"not a luoagent {kind} journal of schema {schema}")
+    except ValueError as exc:
+        raise JournalError(f"{path} is not a usable {kind} journal ({exc}); inspect it and remove it by hand") from None
+    return doc
+
+
+@dataclass
+class Journal(JsonJournal):
+    """The journal of one running update; ``record_*`` write it before the step they name."""
 
     @classmethod
     def begin(cls, job: str, path: Path | None = None, **facts) -> "Journal":
@@ -93,44 +133,15 @@ class Journal:
             ) from None
         return j
 
-    def _flush(self) -> None:
-        _write_atomic(self.path, self.doc)
-
-    def record(self, **facts) -> None:
-        self.doc.update(facts)
-        self._flush()
-
-    def record_vm(self, name: str, **facts) -> None:
-        self.doc["vms"].setdefault(name, {}).update(facts)
-        self._flush()
-
     def record_session(self, name: str) -> None:
         if name not in self.doc["sessions"]:
             self.doc["sessions"].append(name)
             self._flush()
 
-    def finish(self) -> None:
-        """The job left nothing to undo: drop the journal."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
 
 def read(path: Path | None = None) -> dict | None:
-    """The journal document, or None when there is none. A torn file cannot exist (rename)."""
-    path = path or journal_path()
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise JournalError(f"cannot read the update journal {path}: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text)
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("vms"), dict):
-            raise ValueError("not a luoagent journal of schema 1")
-    except ValueError as exc:
-        raise JournalError(f"{path} is not a usable update journal ({exc}); inspect it and remove it by hand") from None
-    return doc
+    """The update journal document, or None when there is none."""
+    return read_document(path or journal_path(), "update", SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------

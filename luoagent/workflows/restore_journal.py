@@ -19,11 +19,10 @@ once a rescue image holds it (or nothing could be done). Replay rule (``next_act
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from luoagent.errors import JournalError
@@ -68,11 +67,9 @@ def restore_path(directory: Path | None = None) -> Path:
 
 
 @dataclass
-class RestoreJournal:
+class RestoreJournal(journal.JsonJournal):
     """The journal of one restore (possibly resumed by a later daemon in the same boot)."""
 
-    path: Path
-    doc: dict = field(default_factory=dict)
     #: the document found at open (a restore that was interrupted), else None
     previous: dict | None = None
 
@@ -95,37 +92,11 @@ class RestoreJournal:
                                f"started. Free space in {path.parent} or set ${journal.RUN_DIR_ENV}") from None
         return j
 
-    def _flush(self) -> None:
-        journal._write_atomic(self.path, self.doc)
-
     def entry(self, name: str) -> dict | None:
         return (self.previous or {}).get("vms", {}).get(name)
 
-    def record(self, **facts) -> None:
-        self.doc.update(facts)
-        self._flush()
-
-    def record_vm(self, name: str, **facts) -> None:
-        self.doc["vms"].setdefault(name, {}).update(facts)
-        self._flush()
-
-    def finish(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 def read(path: Path | None = None) -> dict | None:
-    path = path or restore_path()
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise JournalError(f"cannot read the restore journal {path}: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text)
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("vms"), dict):
-            raise ValueError("not a luoagent restore journal of schema 1")
-    except ValueError as exc:
-        raise JournalError(f"{path} is not a usable restore journal ({exc}); inspect it and remove it by hand") from None
-    return doc
+    """The restore journal document, or None when there is none."""
+    return journal.read_document(path or restore_path(), "restore", SCHEMA)
