@@ -29,62 +29,58 @@ def run(lab):
     return result
 
 
-def _ok(result, name, desc):
-    t = result.scenario(name).test(desc)
-    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
-
 
 @pytest.mark.parametrize("name", SCENARIOS)
 @pytest.mark.parametrize("when", [sh.BEFORE, sh.AFTER])
 def test_systemd_is_pid1_and_the_stage_is_a_unit(run, name, when):
-    _ok(run, name, sh.PID1_SYSTEMD.format(when=when))
-    _ok(run, name, sh.STAGE_AS_UNIT.format(when=when))
+    run.require(name, sh.PID1_SYSTEMD.format(when=when))
+    run.require(name, sh.STAGE_AS_UNIT.format(when=when))
 
 
 def test_runner_kexecs_through_systemctl_kexec(run):
     assert "# lab-shutdown: systemctl kexec" in run.console, run.tail(60)
     # systemd-shutdown's own word that it handed the fd stores to LUO before kexec()
     assert "Preserved fd stores in LUO session 'systemd' for kexec" in run.console, run.tail(60)
-    _ok(run, sh.NAME, "a new kernel booted since preserve (boot id changed)")
+    run.require(sh.NAME, "a new kernel booted since preserve (boot id changed)")
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_bystander_fd_store_memfd_survives_the_kexec(run, name):
-    _ok(run, name, by.PUSHED)
-    _ok(run, name, by.KHO_EXEC)
-    _ok(run, name, by.HANDED_BACK)
-    _ok(run, name, by.BYTES_INTACT)
+    run.require(name, by.PUSHED)
+    run.require(name, by.KHO_EXEC)
+    run.require(name, by.HANDED_BACK)
+    run.require(name, by.BYTES_INTACT)
 
 
 def test_shipped_units_run_as_on_a_host(run):
-    _ok(run, sh.NAME, hu.INSTALLED)
-    _ok(run, sh.NAME, hu.SERVICE_UP)
-    _ok(run, sh.NAME, hu.UP_AT_BOOT)
-    _ok(run, sh.NAME, hu.SERVICE_UP_AFTER)
-    _ok(run, su.NAME, hu.UP_AT_BOOT)
+    run.require(sh.NAME, hu.INSTALLED)
+    run.require(sh.NAME, hu.SERVICE_UP)
+    run.require(sh.NAME, hu.UP_AT_BOOT)
+    run.require(sh.NAME, hu.SERVICE_UP_AFTER)
+    run.require(su.NAME, hu.UP_AT_BOOT)
 
 
 @pytest.mark.parametrize("vm", su.VMS)
 def test_vms_are_units(run, vm):
-    _ok(run, su.NAME, su.IN_SCOPE.format(vm=vm))
+    run.require(su.NAME, su.IN_SCOPE.format(vm=vm))
 
 
 def test_update_through_the_service_ends_in_systemctl_kexec(run):
-    _ok(run, su.NAME, su.KEXECED)
-    _ok(run, su.NAME, su.UPDATE_ACCEPTED)
+    run.require(su.NAME, su.KEXECED)
+    run.require(su.NAME, su.UPDATE_ACCEPTED)
 
 
 def test_the_service_restores_at_boot_with_no_command(run):
-    _ok(run, su.NAME, su.RESTORED_AT_BOOT)
-    _ok(run, su.NAME, su.NOTHING_HELD)
-    _ok(run, su.NAME, su.BLACKOUT)
+    run.require(su.NAME, su.RESTORED_AT_BOOT)
+    run.require(su.NAME, su.NOTHING_HELD)
+    run.require(su.NAME, su.BLACKOUT)
 
 
 @pytest.mark.parametrize("vm", su.VMS)
 def test_guests_continue_once_with_their_ram(run, vm):
-    _ok(run, su.NAME, su.RUNS_ONCE.format(vm=vm))
-    _ok(run, su.NAME, su.COUNTER_CONTINUES.format(vm=vm))
-    _ok(run, su.NAME, su.CANARY_OK.format(vm=vm))
+    run.require(su.NAME, su.RUNS_ONCE.format(vm=vm))
+    run.require(su.NAME, su.COUNTER_CONTINUES.format(vm=vm))
+    run.require(su.NAME, su.CANARY_OK.format(vm=vm))
 
 
 def test_whole_chain_passes(run):
