@@ -19,24 +19,20 @@ def run(lab):
     return lab.run([sc.NAME])
 
 
-def _ok(result, desc):
-    t = result.scenario(sc.NAME).test(desc)
-    assert t.ok, f"{desc}: " + "\n".join(t.diag) + "\n--- console tail ---\n" + result.tail(60)
-
 
 def test_linux_guest_runs_its_workload_over_tap_and_bridge(run):
-    _ok(run, sc.GUEST_UP)
+    run.require(sc.NAME, sc.GUEST_UP)
 
 
 def test_linux_guest_crosses_the_kexec_without_rebooting(run):
     for desc in (sc.CROSSED, sc.NETWORK_RECREATED, sc.RESTORED, sc.NO_REBOOT, sc.SAME_ADDRESS):
-        _ok(run, desc)
+        run.require(sc.NAME, desc)
     assert "KHO: exec from:" in run.console, run.tail(60)
 
 
 def test_disk_records_and_memory_checksum_survive(run):
     for desc in (sc.RECORDS, sc.RECORDS_CONTINUE, sc.MEMORY_OK):
-        _ok(run, desc)
+        run.require(sc.NAME, desc)
 
 
 def test_whole_scenario_green(run):
