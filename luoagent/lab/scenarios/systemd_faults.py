@@ -1,9 +1,5 @@
-"""Lab scenario systemd-faults (experimental, no lab test yet): fault cases 8-12 of issue 9 on a
-systemd host, two VMs as units, five cases on one `systemctl kexec`.
-
-State (2026-12-01, one run): case 8 passed (checks 1-7); the retried update's kexec was then
-refused by the kernel (`systemd-shutdown[1]: Failed to kexec: Invalid argument`), so stage 2
-never ran (docs/daemon.md "Not built").
+"""Lab scenario systemd-faults: fault cases 8-12 of issue 9 on a systemd host, two VMs as units,
+five cases on one `systemctl kexec` (tests/lab/test_systemd_faults_lab.py).
 
 Stage 1, case 8: `systemctl stop luoagent` while an update waits after quiesce (test-mode
 pause) must roll back: VMs running in place, counters rising, no kexec image, no session and
@@ -27,7 +23,7 @@ from luoagent.lab.scenarios import systemd_update as su
 from luoagent.lab.scenarios import vm_update as vu
 
 NAME = "systemd-faults"
-DESCRIPTION = ("experimental: systemd host, stop during update rolls back; daemon SIGKILLed at 4 restore points, "
+DESCRIPTION = ("systemd host: stop during update rolls back; daemon SIGKILLed at 4 restore points, "
                "restarted by systemd")
 MEMORY = "1G"
 FLAVOUR = "systemd"
@@ -132,7 +128,7 @@ def stage_stop_then_update(ctx) -> None:
 
     st = ctx.state.setdefault(KEY, {})
     st["boot_id"] = ctx.boot_id
-    # while experimental: the daemon's log on the console too, to see what precedes a refused kexec
+    # the daemon's log on the console too: what precedes a failure is then in the run's console.log
     CONSOLE_DROP_IN.parent.mkdir(parents=True, exist_ok=True)
     CONSOLE_DROP_IN.write_text("[Service]\nStandardError=journal+console\n")
     if not host_units.install_and_start(ctx):
