@@ -5,7 +5,7 @@ Stage 1, case 8: `systemctl stop luoagent` while an update waits after quiesce (
 pause) must roll back: VMs running in place, counters rising, no kexec image, no session and
 nothing in the fd store; then the retried update succeeds and kexecs. Stage 2, cases 9-12: the
 daemon restoring at boot is SIGKILLed (`systemctl kill -s KILL`) at (9) the manifest read,
-(10) a's memfds retrieved, (11) b's QEMU started before its vmstate load, (12) b's `cont`
+(10) b's memfds retrieved, (11) b's QEMU started before its vmstate load, (12) b's `cont`
 answered before finish; each time systemd restarts it (the next pause point set by a drop-in),
 and in the end every VM runs exactly once, counters continue, canaries identical."""
 
@@ -45,7 +45,9 @@ RETRY_OK = "(8) the retried update succeeds: announced, then systemctl kexec (bo
 #: case number -> (pause point the daemon is SIGKILLed at, what it means)
 RESTORE_CASES = {
     9: ("restore-after-manifest", "after the manifest was read"),
-    10: ("restore-after-retrieve:a", "after a's memfds were retrieved"),
+    # 10-12 all on b: VMs restore concurrently, so a pause on a would let b finish meanwhile and
+    # leave no b step to kill at (a run on an idle machine did exactly that)
+    10: ("restore-after-retrieve:b", "after b's memfds were retrieved"),
     11: ("restore-after-qemu-start:b", "after b's QEMU started, before its vmstate load"),
     12: ("restore-after-cont:b", "after b's cont, before finish"),
 }
