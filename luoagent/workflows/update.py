@@ -551,13 +551,16 @@ class _Update:
         self.step = "quiesce"
         self.journal.record(step=self.step)
         with self.progress.timed("quiesce", f"({len(self.work)} VMs in parallel: stop + cpr-reboot save to memfd)"):
-            results = await asyncio.gather(*(self._quiesce(w) for w in self.work), return_exceptions=True)
-            for w, r in zip(self.work, results):
-                if isinstance(r, BaseException):
-                    if not hasattr(r, "vm"):
-                        with contextlib.suppress(Exception):
-                            r.vm = w.name  # type: ignore[attr-defined]
-                    raise r
+            # two rounds: every VM's fdset and migration set-up first (its guest still runs),
+            # then every stop at once, so that no guest's pause includes another VM's set-up
+            for stage in (self._prepare_quiesce, self._stop_and_save):
+                results = await asyncio.gather(*(stage(w) for w in self.work), return_exceptions=True)
+                for w, r in zip(self.work, results):
+                    if isinstance(r, BaseException):
+                        if not hasattr(r, "vm"):
+                            with contextlib.suppress(Exception):
+                                r.vm = w.name  # type: ignore[attr-defined]
+                        raise r
             for w in self.work:
                 self.progress.note(
                     f"{w.name}: stop→saved {w.quiesce_s * 1000:.1f} ms, vmstate {w.vmstate_size} B "
@@ -567,7 +570,7 @@ class _Update:
                     f"({ram_sample.ms_per_gib(w.sample_s, w.ram_bytes):.1f} ms/GiB)"
                 )
 
-    async def _quiesce(self, w: VmWork) -> None:
+    async def _prepare_quiesce(self, w: VmWork) -> None:
         q = w.qmp
         try:
             w.vmstate_fd = memfd.create(f"luoagent-vmstate-{w.name}")
@@ -585,6 +588,13 @@ class _Update:
             self.journal.record_vm(w.name, was_running=w.was_running, migrate_configured=True)
             await cpr.configure(q, timeout=self.req.timeout)
             w.migrate_configured = True
+        except LuoAgentError as exc:
+            exc.vm = w.name  # type: ignore[attr-defined]
+            raise
+
+    async def _stop_and_save(self, w: VmWork) -> None:
+        q = w.qmp
+        try:
             self.journal.record_vm(w.name, stop_issued=True)  # fsync'd before the guest stops
             t0 = time.monotonic()
             w.stopped_at_ns = time.time_ns()
