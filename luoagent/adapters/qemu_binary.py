@@ -85,6 +85,7 @@ def launch(
     daemon: bool = False,
     fd_map: dict[int, int] | None = None,
     scope_unit: str | None = None,
+    cwd: str | os.PathLike | None = None,
 ) -> subprocess.Popen:
     """Start ``binary argv...`` with ``pass_fds`` inherited at the same numbers.
 
@@ -93,13 +94,14 @@ def launch(
     ``qmp_socket`` adds ``-qmp unix:PATH,server=on,wait=off`` (a stale socket file is removed);
     ``log`` receives QEMU's stdout+stderr; ``daemon`` puts it in its own session so it
     outlives the caller; ``scope_unit`` runs it in that transient systemd scope (its own
-    cgroup; `systemd-run --scope` execs QEMU itself, so the pid and the fds stay)."""
+    cgroup; `systemd-run --scope` execs QEMU itself, so the pid and the fds stay); ``cwd``: where
+    relative paths in ``argv`` start (a daemon starting a VM for a client: the client's directory)."""
     prefix = systemctl.scope_prefix(scope_unit) if scope_unit else []
     if fd_map:
         with _placed_fds(fd_map) as (keep, preexec):
             return _launch(binary, argv, [*pass_fds, *keep], qmp_socket, log, daemon=daemon,
-                           _preexec=preexec, prefix=prefix)
-    return _launch(binary, argv, pass_fds, qmp_socket, log, daemon=daemon, prefix=prefix)
+                           _preexec=preexec, prefix=prefix, cwd=cwd)
+    return _launch(binary, argv, pass_fds, qmp_socket, log, daemon=daemon, prefix=prefix, cwd=cwd)
 
 
 @contextlib.contextmanager
@@ -139,7 +141,7 @@ def _placed_fds(fd_map: dict[int, int]):
 
 
 def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=None,
-            prefix: Sequence[str] = ()) -> subprocess.Popen:
+            prefix: Sequence[str] = (), cwd=None) -> subprocess.Popen:
     full = [*prefix, str(binary), *argv]
     if qmp_socket is not None:
         with contextlib.suppress(FileNotFoundError):
@@ -155,6 +157,7 @@ def _launch(binary, argv, pass_fds, qmp_socket, log, *, daemon: bool, _preexec=N
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
             start_new_session=daemon,
             preexec_fn=_preexec,
+            cwd=cwd,
             # what QEMU creates itself (serial log, pidfile, sockets) holds guest output: 0600
             umask=0o077,
         )

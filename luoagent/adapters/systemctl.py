@@ -1,5 +1,6 @@
 """systemd's manager through its own tools: is this host booted with systemd, the argv prefix
-that starts a command in a transient scope unit (`systemd-run --scope`), `systemctl kexec`.
+that starts a command in a transient scope unit (`systemd-run --scope`), moving a process into
+such a scope (`vm upgrade`'s new QEMU), `systemctl kexec`.
 
 Why a scope for QEMU: `systemd-run --scope` registers the scope for its own pid and then
 execs the command itself (run.c, start_transient_scope → execvpe), so the command keeps every
@@ -38,8 +39,36 @@ def scope_prefix(unit: str) -> list[str]:
     tool = shutil.which("systemd-run")
     if tool is None:
         raise QemuError("systemd runs this host but systemd-run is not on PATH; install systemd (it ships it)")
-    return [tool, "--scope", "--quiet", "--collect", f"--unit={unit}",
+    # Delegate=yes: only a delegated unit accepts a process moved in later (AttachProcesses),
+    # which is how `vm upgrade` puts the VM's next QEMU into the same scope
+    return [tool, "--scope", "--quiet", "--collect", f"--unit={unit}", "--property=Delegate=yes",
             "--description=luoagent VM (QEMU)", "--"]
+
+
+#: PID 1's own D-Bus socket: there for root even on a host without a bus daemon (the lab's)
+MANAGER_SOCKET = "unix:path=/run/systemd/private"
+
+
+def delegated(unit: str, timeout: float = 30.0) -> bool:
+    """Is ``unit`` active with Delegate=yes (so a process can be moved into it)?"""
+    r = subprocess.run(["systemctl", "show", "--property=ActiveState,Delegate", unit],
+                       capture_output=True, text=True, timeout=timeout)
+    props = dict(line.partition("=")[::2] for line in r.stdout.splitlines())
+    return r.returncode == 0 and props.get("ActiveState") == "active" and props.get("Delegate") == "yes"
+
+
+def attach(unit: str, pid: int, timeout: float = 30.0) -> None:
+    """Move process ``pid`` into the cgroup of the running unit ``unit`` (the manager's
+    AttachProcessesToUnit); QemuError with the manager's words if it refused."""
+    tool = shutil.which("busctl")
+    if tool is None:
+        raise QemuError("systemd runs this host but busctl is not on PATH; install systemd (it ships it)")
+    r = subprocess.run([tool, f"--address={MANAGER_SOCKET}", "call", "org.freedesktop.systemd1",
+                        "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", "AttachProcessesToUnit",
+                        "ssau", unit, "", "1", str(pid)], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise QemuError(f"systemd did not move pid {pid} into {unit}: "
+                        f"{(r.stderr or r.stdout).strip()[-300:] or f'busctl exit {r.returncode}'}")
 
 
 def stop_unit(unit: str, timeout: float = 60.0) -> bool:

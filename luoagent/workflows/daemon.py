@@ -297,6 +297,13 @@ class Daemon:
                 job = self._start_restore(args, {})
             ch.send({"type": "accepted", "id": req_id, "job": job.id})
             job.attach(ch, req_id)
+        elif op == "vm-list":
+            result = await asyncio.to_thread(vmwf.perform, "list", args)
+            ch.send({"type": "result", "id": req_id, "result": result})
+        elif op in ("vm-start", "vm-stop", "vm-upgrade"):
+            job = self._start_vm_job(op, args)
+            ch.send({"type": "accepted", "id": req_id, "job": job.id})
+            job.attach(ch, req_id)
         elif op == "ack":
             if self.job is not None:
                 self.job.acked.set()
@@ -309,7 +316,8 @@ class Daemon:
                 self.phase = "idle"
             ch.send({"type": "result", "id": req_id, "result": out})
         else:
-            raise UsageError(f"unknown daemon operation {op!r} (status, follow, update, restore, recover, ack)")
+            raise UsageError(f"unknown daemon operation {op!r} (status, follow, update, restore, recover, ack, "
+                             "vm-start, vm-stop, vm-list, vm-upgrade)")
 
     def _refuse_if_busy(self, what: str) -> None:
         if self.stopping:
@@ -374,6 +382,24 @@ class Daemon:
         job.task = asyncio.ensure_future(self._run_job(job))
         return job
 
+    # -- vm start | stop | upgrade -------------------------------------------------------
+    def _start_vm_job(self, op: str, args: dict) -> Job:
+        """A `vm` verb as a daemon job, so a VM's QEMU is started, stopped or replaced by the
+        daemon (under systemd: in the VM's own scope) whatever becomes of the client."""
+        self._refuse_if_busy(op.replace("-", " "))
+        job = Job(id=self._next_id, op=op, args=args)
+        self._next_id += 1
+        if op == "vm-upgrade":
+            from luoagent.workflows import upgrade as upgradewf  # only an upgrade needs it
+
+            job.runner = upgradewf.UpgradeBatch.from_request(args, progress=Progress("upgrade", stream=_Lines(job)))
+            job.vm_root = Path(args.get("root") or vmwf.vm_root())  # no update or restore under it
+        else:
+            job.runner = _VmVerb(op.removeprefix("vm-"), args)  # start/stop take the VM-root lock themselves
+        self.job = job
+        job.task = asyncio.ensure_future(self._run_job(job))
+        return job
+
     async def _announce(self, job: Job, result: dict) -> None:
         """A real update is about to kexec: hand the result to the attached clients and give
         them up to ANNOUNCE_WAIT seconds to say they have it (op ``ack``)."""
@@ -386,7 +412,7 @@ class Daemon:
         try:
             # the same one-run-per-VM-root lock a CLI update takes: a daemon job and a direct
             # `luoagent update|restore|vm start` never touch the same VMs at once
-            with vmwf.agent_lock(job.vm_root, job.op):
+            with vmwf.agent_lock(job.vm_root, job.op) if job.vm_root is not None else contextlib.nullcontext():
                 job.result = await job.runner.run()
             job.state = "done"
         except LuoAgentError as exc:
@@ -396,7 +422,9 @@ class Daemon:
             job.error = ({"error": "UpdateError", "message": "update cancelled (rolled back)", "exit_code": 1}
                          if job.op == "update" else
                          {"error": "RestoreError", "message": "restore stopped by a signal; the next daemon start "
-                          "finishes it (restore journal, fd store)", "exit_code": 1})
+                          "finishes it (restore journal, fd store)", "exit_code": 1}
+                         if job.op == "restore" else
+                         {"error": "DaemonError", "message": f"{job.op} stopped by a signal", "exit_code": 1})
             job.state = "failed"
         except Exception as exc:  # a bug: the client must still get an answer
             log.exception("daemon.job_crashed", job=job.id)
@@ -423,7 +451,7 @@ class Daemon:
         else:
             phase = self.phase
         vms = []
-        if runner is not None and job.op == "restore":
+        if runner is not None and job.op != "update":
             vms = runner.status_vms()
         elif runner is not None:
             for w in runner.work:
@@ -450,6 +478,28 @@ class Daemon:
                          "stored": sorted(self.fd_store.stored)},
             "journal": pending,
         }
+
+
+class _VmVerb:
+    """`vm start` or `vm stop` as a job's runner: the blocking verb in a worker thread. A signal
+    to the daemon lets it finish (seconds), so no VM is left half started or half stopped."""
+
+    def __init__(self, action: str, req: dict):
+        self.action, self.req = action, req
+        self.step = action
+        self.rolling_back = False
+
+    async def run(self) -> dict:
+        return await asyncio.to_thread(vmwf.perform, self.action, self.req)
+
+    def interrupt(self, sig: int, task: asyncio.Task) -> None:
+        pass  # finish first; the daemon exits when the job is done
+
+    def held_sessions(self) -> list[str]:
+        return []
+
+    def status_vms(self) -> list[dict]:
+        return [{"name": self.req.get("name"), "action": self.action}]
 
 
 def _error_msg(exc: LuoAgentError) -> dict:

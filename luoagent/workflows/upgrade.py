@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from luoagent import log, memfd, testmode
-from luoagent.adapters import cpr, handoff, procfs, qemu_argv, qemu_binary, qemu_ram, qmp_client
+from luoagent.adapters import cpr, handoff, procfs, qemu_argv, qemu_binary, qemu_ram, qmp_client, systemctl
 from luoagent.adapters.qmp_client import Qmp, event_time_ns
 from luoagent.errors import LuoAgentError, QemuError, QmpUnreachable, UpgradeError, UsageError
 from luoagent.report import Progress
@@ -103,19 +103,121 @@ def upgrade(target: Target, *, qemu: str | None = None, mechanism: str = "auto",
     ``before_retire(new_pid, old_pid)``: called (handoff) once the new QEMU runs the guest and
     the old one still exists, e.g. for a supervisor to announce the new main PID
     (sd_notify MAINPID=) before the old process exits."""
-    if mechanism not in MECHANISMS:
-        raise UsageError(f"--mechanism {mechanism!r}: choose one of {', '.join(MECHANISMS)}")
-    progress = progress or Progress("upgrade")
-    up = _Upgrade(target, qemu, mechanism, timeout, progress)
-    up.before_retire = before_retire
-    started = time.monotonic()
-    try:
-        up.preflight()
-        qmp_client.run_sync(up.run_guarded())
-    finally:
-        up.out.total_s = round(time.monotonic() - started, 3)
-        up.close_fds()
-    return up.out
+    batch = UpgradeBatch([target], qemu=qemu, mechanism=mechanism, timeout=timeout, progress=progress,
+                         before_retire=before_retire)
+    qmp_client.run_sync(batch.run_guarded())
+    return batch.outcomes[0]
+
+
+class UpgradeBatch:
+    """`vm upgrade` of one or more VMs, one after another: the daemon's job (operation
+    vm-upgrade) or the CLI's own run. A signal (``interrupt``) before a VM's new QEMU runs its
+    guest rolls that VM back and ends the batch; after it, the VM's upgrade is finished first."""
+
+    def __init__(self, targets: list[Target], *, qemu: str | None = None, mechanism: str = "auto",
+                 timeout: float = 30.0, progress: Progress | None = None, raise_single: bool = True,
+                 before_retire: Callable[[int, int], None] | None = None):
+        if mechanism not in MECHANISMS:
+            raise UsageError(f"--mechanism {mechanism!r}: choose one of {', '.join(MECHANISMS)}")
+        self.targets = targets
+        self.qemu, self.mechanism, self.timeout = qemu, mechanism, timeout
+        self.progress = progress or Progress("upgrade")
+        self.raise_single = raise_single  # one VM: its failure is the command's error
+        self.before_retire = before_retire
+        self.outcomes: list[Outcome] = []
+        self.current: _Upgrade | None = None
+        self.caught: int | None = None
+        self.step = "preflight"
+        self.rolling_back = False
+
+    @classmethod
+    def from_request(cls, req: dict, progress: Progress | None = None) -> "UpgradeBatch":
+        """The batch a `vm upgrade` request (vm.request_from) asks for."""
+        try:
+            targets = resolve_targets([str(n) for n in req.get("names") or []], bool(req.get("all")), req["root"])
+            return cls(targets, qemu=req.get("qemu"), mechanism=str(req.get("mechanism") or "auto"),
+                       timeout=float(req.get("timeout") or 30.0), progress=progress,
+                       raise_single=bool(req.get("raise_single", True)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"vm upgrade request is missing or has a bad field: {exc}") from None
+
+    def interrupt(self, sig: int, task: asyncio.Task) -> None:
+        if self.caught is None:
+            self.caught = sig
+        if self.current is not None and not self.current.committed:
+            self.rolling_back = True
+            task.cancel()
+
+    def held_sessions(self) -> list[str]:
+        return []  # an upgrade makes no LUO session
+
+    def status_vms(self) -> list[dict]:
+        done = {o.name: o for o in self.outcomes}
+        return [{"name": t.name, "qmp_socket": str(t.qmp_socket),
+                 "upgrade": ("done" if done[t.name].ok else "failed") if t.name in done
+                 else "running" if self.current is not None and self.current.t is t else "waiting"}
+                for t in self.targets]
+
+    async def run_guarded(self) -> dict:
+        """run() with SIGTERM/SIGINT/SIGHUP sent to interrupt() (a process of its own: the CLI)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in sigs:
+            loop.add_signal_handler(sig, self.interrupt, sig, task)
+        try:
+            return await self.run()
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+
+    async def run(self) -> dict:
+        results: list[dict] = []
+        for target in self.targets:
+            if self.caught is not None:
+                results.append({"name": target.name, "ok": False, "error": "UpgradeError",
+                                "message": f"not started: {signal.Signals(self.caught).name} arrived before"})
+                continue
+            try:
+                out = await self._one(target)
+            except LuoAgentError as exc:
+                if len(self.targets) == 1 and self.raise_single:
+                    raise
+                self.progress.log(f"VM {target.name}: upgrade failed: {exc}")
+                results.append({"name": target.name, "ok": False, "error": type(exc).__name__, "message": str(exc)})
+                self.outcomes.append(Outcome(target.name, error=str(exc)))
+                continue
+            results.append(outcome_dict(out))
+        return {"ok": all(r.get("ok") for r in results), "vms": results}
+
+    async def _one(self, target: Target) -> Outcome:
+        up = _Upgrade(target, self.qemu, self.mechanism, self.timeout, self.progress)
+        up.before_retire = self.before_retire
+        self.current = up
+        started = time.monotonic()
+        try:
+            self.step = f"preflight:{target.name}"
+            await asyncio.to_thread(up.preflight)  # probes the new binary: off the event loop
+            self.step = f"upgrade:{target.name}"
+            try:
+                await up.run()
+            except asyncio.CancelledError:
+                if self.caught is None:
+                    raise
+                raise UpgradeError(f"interrupted by {signal.Signals(self.caught).name}; rolled back, the guest "
+                                   f"runs in the old QEMU (pid {getattr(up, 'pid', '?')})", step="signal",
+                                   vm=target.name) from None
+        finally:
+            up.out.total_s = round(time.monotonic() - started, 3)
+            up.close_fds()
+            self.current = None
+            self.rolling_back = False
+        self.outcomes.append(up.out)
+        if self.caught is not None:
+            raise UpgradeError(f"{signal.Signals(self.caught).name} arrived after the new QEMU (pid "
+                               f"{up.out.new_pid}) had taken over; the upgrade was completed first",
+                               step="signal", vm=target.name)
+        return up.out
 
 
 class _Upgrade:
@@ -134,6 +236,7 @@ class _Upgrade:
         self.committed = False
         self._faulted = False
         self.before_retire: Callable[[int, int], None] | None = None
+        self.unit = ""  # the VM's systemd scope (preflight), or "" outside one
 
     # -- preflight: nothing changes in the running QEMU ------------------------------------
     def preflight(self) -> None:
@@ -154,36 +257,13 @@ class _Upgrade:
         with self.progress.timed("probe", f"{self.new_binary}"):
             self.probe = qemu_binary.probe_cpr(self.new_binary)
         self.out.new_version = self.probe.version
-
-    async def run_guarded(self) -> None:
-        """run() with SIGTERM/SIGINT/SIGHUP turned into a cancellation, so the rollback of the
-        step under way runs; once the new QEMU runs the guest a signal only waits its turn."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        caught: list[int] = []
-        sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-        def on_signal(sig: int) -> None:
-            caught.append(sig)
-            if not self.committed:
-                task.cancel()
-
-        for sig in sigs:
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
-            await self.run()
-        except asyncio.CancelledError:
-            if not caught:
-                raise
-            raise UpgradeError(f"interrupted by {signal.Signals(caught[0]).name}; rolled back, the guest "
-                               f"runs in the old QEMU (pid {self.pid})", step="signal", vm=self.t.name) from None
-        finally:
-            for sig in sigs:
-                loop.remove_signal_handler(sig)
-        if caught:
-            raise UpgradeError(f"{signal.Signals(caught[0]).name} arrived after the new QEMU (pid "
-                               f"{self.out.new_pid}) had taken over; the upgrade was completed first",
-                               step="signal", vm=self.t.name)
+        # a VM in its own scope keeps it: the new QEMU is moved in (never left in our cgroup,
+        # which a restart of luoagent.service would kill)
+        self.unit = t.record.unit if t.record is not None and t.record.unit and systemctl.booted() else ""
+        if self.unit and not systemctl.delegated(self.unit):
+            raise UpgradeError(f"VM {t.name}'s unit {self.unit} is not active with Delegate=yes, so its next QEMU "
+                               "cannot be moved into it (a scope made by an older luoagent); stop and start the "
+                               "VM once (`luoagent vm stop/start`), then upgrade", step="preflight", vm=t.name)
 
     async def run(self) -> None:
         t, out = self.t, self.out
@@ -255,7 +335,17 @@ class _Upgrade:
         os.close(fd)
         self.temp_paths += [Path(tmp) for tmp, _ in self.plan.renames]
         with self.progress.timed("start-new", f"{binary}"):
-            self.proc = qemu_binary.launch(binary, argv, log=logpath, daemon=True, fd_map=self.ram_fds)
+            # beside the old QEMU (handoff) the scope exists: move the new one in; after the old
+            # one is gone (sequential) the scope went with it: systemd-run makes it again
+            scope_alive = bool(self.unit) and procfs.pid_alive(self.pid)
+            self.proc = qemu_binary.launch(binary, argv, log=logpath, daemon=True, fd_map=self.ram_fds,
+                                           scope_unit=self.unit if self.unit and not scope_alive else None)
+            if scope_alive:
+                try:
+                    systemctl.attach(self.unit, self.proc.pid)
+                except LuoAgentError as exc:
+                    raise UpgradeError(f"the new QEMU (pid {self.proc.pid}) could not join {self.unit}: {exc}",
+                                       step="start-new", vm=self.t.name) from exc
             try:
                 q_new = await Qmp.connect(self.plan.qmp_socket, timeout=self.timeout, process=self.proc)
             except QmpUnreachable as exc:
@@ -513,6 +603,10 @@ class _Upgrade:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             _wait_exit(self.pid, 5)
+        if self.unit:  # its scope goes once empty (--collect); the new QEMU's scope takes the name
+            deadline = time.monotonic() + 10
+            while systemctl.unit_active(self.unit) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
 
     async def _start_loaded(self, binary, vmstate: int) -> Qmp:
         self._resume_event = None
@@ -612,32 +706,24 @@ def outcome_dict(out: Outcome) -> dict:
     return asdict(out)
 
 
-def run_cli(args) -> int:
-    """`luoagent vm upgrade NAME... | --all`: one VM after another; exit 1 if any failed."""
-    targets = resolve_targets(list(args.names), args.all, args.root)
-    progress = Progress("upgrade")
-    results: list[dict] = []
-    failed = 0
-    for target in targets:
-        try:
-            out = upgrade(target, qemu=args.qemu, mechanism=args.mechanism, timeout=args.timeout,
-                          progress=progress)
-        except LuoAgentError as exc:
-            if len(targets) == 1 and not args.json:
-                raise
-            failed += 1
-            progress.log(f"VM {target.name}: upgrade failed: {exc}")
-            results.append({"name": target.name, "ok": False, "error": type(exc).__name__, "message": str(exc)})
-            continue
-        results.append(outcome_dict(out))
-        if not args.json:
-            pause = f"{out.pause_ms:.3f} ms" if out.pause_ms is not None else "n/a (guest was paused)"
-            print(f"VM {out.name} upgraded ({out.mechanism}): QEMU {out.old_version} pid {out.old_pid} -> "
-                  f"{out.new_version} pid {out.new_pid}; guest paused {pause}, "
-                  f"{out.guest_ram_bytes >> 20} MiB RAM in place, {out.bytes_moved} bytes moved, "
-                  f"{out.total_s:.2f} s in all")
-    if args.json:
+def perform(req: dict) -> dict:
+    """`vm upgrade` in this process (no daemon serves): the request of vm.request_from."""
+    return qmp_client.run_sync(UpgradeBatch.from_request(req).run_guarded())
+
+
+def print_result(result: dict, *, json_out: bool) -> int:
+    """Print a batch's result (from the daemon or this process); exit 1 if any VM failed."""
+    if json_out:
         import json
 
-        print(json.dumps({"ok": failed == 0, "vms": results}))
-    return 1 if failed else 0
+        print(json.dumps(result))
+    else:
+        for out in result.get("vms") or []:
+            if not out.get("ok"):
+                continue  # its failure was reported as it happened
+            pause = f"{out['pause_ms']:.3f} ms" if out.get("pause_ms") is not None else "n/a (guest was paused)"
+            print(f"VM {out['name']} upgraded ({out['mechanism']}): QEMU {out['old_version']} pid {out['old_pid']} -> "
+                  f"{out['new_version']} pid {out['new_pid']}; guest paused {pause}, "
+                  f"{out['guest_ram_bytes'] >> 20} MiB RAM in place, {out['bytes_moved']} bytes moved, "
+                  f"{out['total_s']:.2f} s in all")
+    return 0 if result.get("ok") else 1

@@ -1,7 +1,8 @@
-"""Workflow `luoagent vm start|list|stop`: run QEMU VMs whose RAM is a memfd LUO can preserve.
+"""Workflow `luoagent vm start|list|stop|upgrade`: run QEMU VMs whose RAM is a memfd LUO can preserve.
 
 Each VM has a VM directory (record vm.json, QMP socket, logs) inside the VM root; `update`
-reads the records."""
+reads the records. When the daemon serves, the verbs run in it (its operations vm-start,
+vm-stop, vm-list, vm-upgrade): the CLI only sends the request with its paths made absolute."""
 
 from __future__ import annotations
 
@@ -232,20 +233,12 @@ def start_vm(
     accel: str = "tcg",
     timeout: float = 30.0,
     user: str | None = None,
+    cwd: str | os.PathLike | None = None,
 ) -> VmRecord:
     """Start a daemonized QEMU whose RAM is a share=on memory-backend-file over a fresh memfd.
     ``user`` (a user name or UID:GID): QEMU drops to it after opening its files
     (``-run-with user=``), so a guest that escapes into QEMU is not root."""
-    validate_name(name)
-    identity = resolve_user(user) if user else None
-    page = os.sysconf("SC_PAGE_SIZE")
-    if memory < 2 * 1024 * 1024 or memory % page:
-        raise UsageError(f"--memory {memory} B: give at least 2M, a multiple of {page} B (e.g. 512M, 2G)")
-    if smp < 1:
-        raise UsageError(f"--smp {smp}: need at least one vCPU")
-    _reject_conflicting_args(qemu_args)
-    if identity and any(a in ("-runas", "--runas", "-run-with", "--run-with") for a in qemu_args):
-        raise UsageError("QEMU options -runas/-run-with are set by luoagent --user; remove them from QEMU_ARGS")
+    identity = check_start_args(name, memory, qemu_args, smp=smp, user=user)
     binary = qemu_binary.find_qemu(binary)
     version = qemu_binary.qemu_version(binary)
     probe = qemu_binary.probe_cpr(binary)
@@ -259,11 +252,27 @@ def start_vm(
     _prepare_dir(base)
     with agent_lock(base, "vm start"):
         return _start_locked(name, memory, qemu_args, smp=smp, binary=binary, version=version, probe=probe,
-                             base=base, vm_dir=vm_dir, accel=accel, timeout=timeout, identity=identity, user=user)
+                             base=base, vm_dir=vm_dir, accel=accel, timeout=timeout, identity=identity, user=user,
+                             cwd=cwd)
+
+
+def check_start_args(name: str, memory: int, qemu_args: list[str], *, smp: int, user: str | None):
+    """UsageError for what `vm start` can refuse before anything runs; the (uid, gid) of ``user``."""
+    validate_name(name)
+    identity = resolve_user(user) if user else None
+    page = os.sysconf("SC_PAGE_SIZE")
+    if memory < 2 * 1024 * 1024 or memory % page:
+        raise UsageError(f"--memory {memory} B: give at least 2M, a multiple of {page} B (e.g. 512M, 2G)")
+    if smp < 1:
+        raise UsageError(f"--smp {smp}: need at least one vCPU")
+    _reject_conflicting_args(qemu_args)
+    if identity and any(a in ("-runas", "--runas", "-run-with", "--run-with") for a in qemu_args):
+        raise UsageError("QEMU options -runas/-run-with are set by luoagent --user; remove them from QEMU_ARGS")
+    return identity
 
 
 def _start_locked(name, memory, qemu_args, *, smp, binary, version, probe, base, vm_dir, accel, timeout,
-                  identity, user) -> VmRecord:
+                  identity, user, cwd) -> VmRecord:
     sdir = Path(vm_dir) if vm_dir else base / name
     _prepare_dir(sdir)
     _refuse_running_duplicate(name, base)
@@ -296,7 +305,7 @@ def _start_locked(name, memory, qemu_args, *, smp, binary, version, probe, base,
         argv += list(qemu_args)
         unit = qemu_unit(name)
         proc = qemu_binary.launch(binary, argv, pass_fds=[ram], qmp_socket=sock, log=qemu_log, daemon=True,
-                                  scope_unit=unit)
+                                  scope_unit=unit, cwd=cwd)
         logger.info("QEMU started", vm=name, pid=proc.pid, memory=memory)
         try:
             status, backends = qmp_client.run_sync(_check_started(proc, sock, timeout))
@@ -540,40 +549,91 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def run(args: argparse.Namespace) -> int:
+#: the daemon operation of each verb (docs/daemon.md)
+DAEMON_OPS = {"start": "vm-start", "stop": "vm-stop", "list": "vm-list", "upgrade": "vm-upgrade"}
+
+
+def request_from(args: argparse.Namespace) -> dict:
+    """The verb's request as the daemon takes it: every path absolute and the QEMU binary
+    resolved here (the daemon has another cwd and environment than this shell)."""
+    req: dict = {"root": str(vm_root(args.root).absolute())}
     if args.vm_action == "start":
-        qemu_args = list(args.qemu_args)
-        record = start_vm(args.name, qemu_ram.parse_size(args.memory), qemu_args, smp=args.smp,
-                          binary=args.qemu, vm_dir=args.vm_dir, root=args.root,
-                          accel=args.accel, timeout=args.timeout, user=args.user)
-        if args.json:
-            print(json.dumps({"ok": True, **asdict(record)}))
-        else:
-            print(f"VM {record.name} running: pid {record.pid}, {record.memory >> 20} MiB RAM in a memfd, "
-                  f"QMP {record.qmp_socket}, serial {record.serial_log or '(from your QEMU_ARGS)'}")
-        return 0
+        memory = qemu_ram.parse_size(args.memory)
+        check_start_args(args.name, memory, list(args.qemu_args), smp=args.smp, user=args.user)  # before the QEMU search
+        req.update(name=args.name, memory=memory, qemu_args=list(args.qemu_args),
+                   smp=args.smp, binary=str(qemu_binary.find_qemu(args.qemu).absolute()),
+                   vm_dir=str(Path(args.vm_dir).absolute()) if args.vm_dir else None,
+                   accel=args.accel, timeout=args.timeout, user=args.user, cwd=os.getcwd())
+    elif args.vm_action == "stop":
+        req.update(name=args.name, force=args.force)
+    elif args.vm_action == "upgrade":
+        req.update(names=list(args.names), all=args.all, mechanism=args.mechanism, timeout=args.timeout,
+                   qemu=str(qemu_binary.find_qemu(args.qemu).absolute()) if args.qemu else None,
+                   raise_single=not args.json)
+    return req
+
+
+def perform(action: str, req: dict) -> dict:
+    """Run `vm start|stop|list` as ``req`` asks (the daemon's thread or the CLI's process)."""
+    try:
+        if action == "start":
+            record = start_vm(str(req["name"]), int(req["memory"]), [str(a) for a in req.get("qemu_args") or []],
+                              smp=int(req.get("smp") or 1), binary=req.get("binary"), vm_dir=req.get("vm_dir"),
+                              root=req["root"], accel=str(req.get("accel") or "tcg"),
+                              timeout=float(req.get("timeout") or 30.0), user=req.get("user"), cwd=req.get("cwd"))
+            return asdict(record)
+        if action == "stop":
+            return stop_vm(str(req["name"]), root=req["root"], force=bool(req.get("force")))
+        if action == "list":
+            return {"vms": [describe(r) for r in list_records(req["root"])]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"vm {action} request is missing or has a bad field: {exc}") from None
+    raise UsageError(f"unknown vm action {action!r} (start, stop, list, upgrade)")
+
+
+def _through_daemon(action: str, req: dict) -> dict | None:
+    """The verb's result from the daemon, or None when no daemon serves (then it runs here)."""
+    from luoagent.errors import DaemonNotRunning
+    from luoagent.report import Progress
+    from luoagent.workflows import client
+
+    try:
+        return client.call(DAEMON_OPS[action], req, label=f"vm {action}")
+    except DaemonNotRunning as exc:
+        if action != "list":
+            Progress(f"vm {action}").log(f"{exc}: running `vm {action}` in this process")
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    req = request_from(args)
+    result = _through_daemon(args.vm_action, req)
     if args.vm_action == "upgrade":
         from luoagent.workflows import upgrade  # upgrade builds on this module
 
-        return upgrade.run_cli(args)
-    if args.vm_action == "list":
-        rows = [describe(r) for r in list_records(args.root)]
+        return upgrade.print_result(result if result is not None else upgrade.perform(req), json_out=args.json)
+    if result is None:
+        result = perform(args.vm_action, req)
+    if args.vm_action == "start":
+        if args.json:
+            print(json.dumps({"ok": True, **result}))
+        else:
+            print(f"VM {result['name']} running: pid {result['pid']}, {result['memory'] >> 20} MiB RAM in a memfd, "
+                  f"QMP {result['qmp_socket']}, serial {result['serial_log'] or '(from your QEMU_ARGS)'}")
+    elif args.vm_action == "list":
+        rows = result["vms"]
         if args.json:
             print(json.dumps({"ok": True, "vms": rows}))
         elif not rows:
-            print(f"no VMs under {vm_root(args.root)}")
+            print(f"no VMs under {req['root']}")
         else:
             print(f"{'NAME':<20} {'PID':>8} {'STATUS':<12} {'MEMORY':>8}  {'UNIT':<28} QMP")
             for r in rows:
                 print(f"{r['name']:<20} {r['pid']:>8} {r['status']:<12} {r['memory'] >> 20:>6}Mi  "
                       f"{r['unit'] or '-':<28} {r['qmp_socket']}")
-        return 0
-    if args.vm_action == "stop":
-        result = stop_vm(args.name, root=args.root, force=args.force)
+    elif args.vm_action == "stop":
         if args.json:
             print(json.dumps({"ok": True, **result}))
         else:
             print(f"VM {result['name']} (pid {result['pid']}): {result['stopped']}; state removed")
-        return 0
-    raise UsageError(f"unknown vm action {args.vm_action!r}")  # argparse prevents this
-
+    return 0
