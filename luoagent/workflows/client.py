@@ -1,8 +1,8 @@
 """The CLI side of the daemon's control socket: send one request, echo the job's progress
 through `report.Progress`, return its result (or raise its error as the same exception class).
 
-Used by `update`, `status` and `recover`; when no daemon serves the socket they say so and
-do the job in their own process (docs/daemon.md "Without a daemon")."""
+Used by `update`, `restore`, `vm`, `status` and `recover`; when no daemon serves the socket they
+say so and do the job in their own process (docs/daemon.md "Without a daemon")."""
 
 from __future__ import annotations
 

@@ -65,6 +65,10 @@ def test_vms_are_units(run, vm):
     run.require(su.NAME, su.IN_SCOPE.format(vm=vm))
 
 
+def test_vm_upgrade_through_the_service_keeps_qemu_in_the_vm_scope(run):
+    run.require(su.NAME, su.UPGRADED.format(vm=su.UPGRADED_VM))
+
+
 def test_update_through_the_service_ends_in_systemctl_kexec(run):
     run.require(su.NAME, su.KEXECED)
     run.require(su.NAME, su.UPDATE_ACCEPTED)

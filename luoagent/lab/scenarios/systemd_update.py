@@ -43,6 +43,8 @@ RESTORED_AT_BOOT = "luoagent.service restored every VM at boot, no command typed
 COUNTER_CONTINUES = "guest {vm}: counter continues from where it stopped and rises (no guest reboot)"
 CANARY_OK = "guest {vm}: 32 MiB canary in guest RAM byte-identical across systemctl kexec"
 RUNS_ONCE = "guest {vm}: exactly one QEMU runs it, in luoagent-vm-{vm}.scope"
+UPGRADED = "vm upgrade through luoagent.service: guest {vm}'s new QEMU runs in luoagent-vm-{vm}.scope, the old one is gone"
+UPGRADED_VM = "b"
 NOTHING_HELD = "after restore: no session held, none left in the fd store"
 BLACKOUT = "blackout printed per VM with the orderly shutdown's share"
 
@@ -95,6 +97,29 @@ def qemu_pids() -> dict[int, str]:
     return found
 
 
+def upgrade_in_scope(ctx, vm: str, old_pid: int) -> int:
+    """`luoagent vm upgrade VM` (a client of the service): the new QEMU must end in the VM's
+    scope, not in luoagent.service's cgroup, and the guest must keep counting. Its new pid."""
+    from luoagent.lab import guest
+
+    r = vu.luoagent("vm", "upgrade", vm, "--json", timeout=300)
+    out = (json.loads(r.stdout)["vms"][0] if r.returncode == 0 and r.stdout.strip() else {})
+    new_pid = int(out.get("new_pid") or 0)
+    _pid, fd = vu.ram_fd_of(sock(vm))
+    try:
+        c1 = guest.read_state(fd).counter
+        time.sleep(1)
+        rising = guest.read_state(fd).counter > c1
+    finally:
+        os.close(fd)
+    qemus = qemu_pids()
+    ctx.check(r.returncode == 0 and "runs in the luoagent daemon" in r.stderr and new_pid in qemus
+              and f"luoagent-vm-{vm}.scope" in qemus[new_pid] and old_pid not in qemus and rising,
+              UPGRADED.format(vm=vm), f"exit {r.returncode}, new pid {new_pid}, QEMUs {qemus}, counter rising "
+              f"{rising}; stderr: {r.stderr[-1500:]}")
+    return new_pid or old_pid
+
+
 def stage_update(ctx) -> None:
     sh.check_systemd(ctx, sh.BEFORE)
     st = ctx.state.setdefault(KEY, {})
@@ -108,6 +133,7 @@ def stage_update(ctx) -> None:
         unit = f"luoagent-vm-{vm}.scope"
         ctx.check(unit in cgroup_of(vms[vm]["pid"]), IN_SCOPE.format(vm=vm), cgroup_of(vms[vm]["pid"]))
         ctx.diag(f"guest {vm}: pid {vms[vm]['pid']}, counter {vms[vm]['counter_before_update']} before update")
+    vms[UPGRADED_VM]["pid"] = upgrade_in_scope(ctx, UPGRADED_VM, vms[UPGRADED_VM]["pid"])
     st["vms"] = vms
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     ctx.save()
