@@ -100,7 +100,11 @@ def qmp_state(sock: Path) -> dict:
 def start(root: Path, binary, elf: Path, name: str = "a", extra: tuple[str, ...] = ()) -> dict:
     luoagent(root, "vm", "start", name, "--memory", str(RAM), "--qemu", str(binary), "--",
              "-machine", "pc", "-nodefaults", "-kernel", str(elf), *extra, check=True)
-    rec = record(root, name)
+    return counting(record(root, name))
+
+
+def counting(rec: dict) -> dict:
+    """Wait until the guest of VM record ``rec`` counts, then write its canary; ``rec``."""
     fd = ram_fd_of(rec["pid"], Path(rec["qmp_socket"]))
     try:
         deadline = time.monotonic() + 60

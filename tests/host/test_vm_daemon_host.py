@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 
 from test_daemon_host import Agent
-from test_upgrade_host import RAM, SEED, _qemus_using, assert_guest_alive, guest_elf, root  # noqa: F401
-from luoagent import memfd
-from luoagent.lab import guest
-from test_upgrade_host import ram_fd_of
+from test_upgrade_host import RAM, _qemus_using, assert_guest_alive, counting, guest_elf, root  # noqa: F401
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(600)]
 
@@ -52,21 +49,18 @@ def start_through_daemon(agent: Agent, root: Path, binary, elf: Path, name: str 
                "-machine", "pc", "-nodefaults", "-kernel", elf.name if relative else str(elf), cwd=elf.parent)
     assert r.returncode == 0, r.stderr
     assert "runs in the luoagent daemon" in r.stderr, r.stderr
-    rec = json.loads(r.stdout)
-    fd = ram_fd_of(rec["pid"], Path(rec["qmp_socket"]))
-    try:
-        deadline = time.monotonic() + 60
-        while not (guest.read_state(fd).magic_ok and guest.read_state(fd).counter > 0):
-            assert time.monotonic() < deadline, "guest did not start counting"
-            time.sleep(0.05)
-        memfd.write_pattern(fd, guest.CANARY_OFFSET, guest.CANARY_SIZE, SEED)
-    finally:
-        os.close(fd)
-    return rec
+    return counting(json.loads(r.stdout))
 
 
-def wait_held(agent: Agent, timeout: float = 120) -> None:
-    agent.wait_log(HELD, timeout)
+def upgrade_held(agent: Agent, root: Path, binary, elf: Path):
+    """A daemon with the test fault upgrade-hold, VM a counting, and a `vm upgrade a` client
+    whose migration the daemon holds before switchover: (record, counter, client)."""
+    agent.start_daemon(LUOAGENT_FAULT="upgrade-hold")
+    rec = start_through_daemon(agent, root, binary, elf)
+    counter = assert_guest_alive(rec["pid"], Path(rec["qmp_socket"]))
+    p = client(agent, root, "upgrade", "a", popen=True)
+    agent.wait_log(HELD, 120)
+    return rec, counter, p
 
 
 def test_vm_verbs_run_in_the_daemon(agent, lab_qemu, guest_elf, root):
@@ -105,12 +99,8 @@ def test_vm_verbs_run_in_the_daemon(agent, lab_qemu, guest_elf, root):
 def test_client_killed_mid_upgrade_the_daemon_finishes_it(agent, lab_qemu, guest_elf, root):
     """SIGKILL to the client while the daemon holds the migration before switchover (test fault
     upgrade-hold: 30 s): the daemon completes the upgrade on its own."""
-    agent.start_daemon(LUOAGENT_FAULT="upgrade-hold")
-    rec = start_through_daemon(agent, root, lab_qemu, guest_elf)
+    rec, counter, p = upgrade_held(agent, root, lab_qemu, guest_elf)
     sock = Path(rec["qmp_socket"])
-    counter = assert_guest_alive(rec["pid"], sock)
-    p = client(agent, root, "upgrade", "a", popen=True)
-    wait_held(agent)
     p.kill()
     p.wait(10)
     deadline = time.monotonic() + 120
@@ -125,12 +115,8 @@ def test_client_killed_mid_upgrade_the_daemon_finishes_it(agent, lab_qemu, guest
 
 
 def test_sigterm_to_the_daemon_mid_upgrade_rolls_back(agent, lab_qemu, guest_elf, root):
-    agent.start_daemon(LUOAGENT_FAULT="upgrade-hold")
-    rec = start_through_daemon(agent, root, lab_qemu, guest_elf)
+    rec, counter, p = upgrade_held(agent, root, lab_qemu, guest_elf)
     sock = Path(rec["qmp_socket"])
-    counter = assert_guest_alive(rec["pid"], sock)
-    p = client(agent, root, "upgrade", "a", popen=True)
-    wait_held(agent)
     assert len(_qemus_using(root)) == 2  # the new QEMU waits beside the old one
     agent.daemon.send_signal(signal.SIGTERM)
     assert agent.daemon.wait(60) == 0, agent.daemon_log.read_text()
