@@ -39,14 +39,14 @@ def scope_prefix(unit: str) -> list[str]:
     tool = shutil.which("systemd-run")
     if tool is None:
         raise QemuError("systemd runs this host but systemd-run is not on PATH; install systemd (it ships it)")
-    # Delegate=yes: only a delegated unit accepts a process moved in later (AttachProcesses),
-    # which is how `vm upgrade` puts the VM's next QEMU into the same scope
+    # Delegate=yes: the scope's cgroup is then its owner's to place processes in (systemd's
+    # delegation rules), which is how `vm upgrade` puts the VM's next QEMU into the same scope
     return [tool, "--scope", "--quiet", "--collect", f"--unit={unit}", "--property=Delegate=yes",
             "--description=luoagent VM (QEMU)", "--"]
 
 
-#: PID 1's own D-Bus socket: there for root even on a host without a bus daemon (the lab's)
-MANAGER_SOCKET = "unix:path=/run/systemd/private"
+#: the cgroup v2 hierarchy (the only one systemd >= 256 runs on)
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def delegated(unit: str, timeout: float = 30.0) -> bool:
@@ -58,17 +58,30 @@ def delegated(unit: str, timeout: float = 30.0) -> bool:
 
 
 def attach(unit: str, pid: int, timeout: float = 30.0) -> None:
-    """Move process ``pid`` into the cgroup of the running unit ``unit`` (the manager's
-    AttachProcessesToUnit); QemuError with the manager's words if it refused."""
-    tool = shutil.which("busctl")
-    if tool is None:
-        raise QemuError("systemd runs this host but busctl is not on PATH; install systemd (it ships it)")
-    r = subprocess.run([tool, f"--address={MANAGER_SOCKET}", "call", "org.freedesktop.systemd1",
-                        "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", "AttachProcessesToUnit",
-                        "ssau", unit, "", "1", str(pid)], capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise QemuError(f"systemd did not move pid {pid} into {unit}: "
-                        f"{(r.stderr or r.stdout).strip()[-300:] or f'busctl exit {r.returncode}'}")
+    """Move process ``pid`` into the cgroup of the running, delegated unit ``unit``.
+
+    Why not the manager's AttachProcessesToUnit: busctl always talks as a bus client, which
+    PID 1's private socket is not, and a host may have no bus daemon (the lab has none). A
+    delegated unit's cgroup is its owner's to place processes in, so the pid is written to its
+    cgroup.procs, at the path systemd reports (ControlGroup); QemuError if that fails."""
+    r = subprocess.run(["systemctl", "show", "-P", "ControlGroup", unit], capture_output=True, text=True,
+                       timeout=timeout)
+    cgroup = r.stdout.strip()
+    if r.returncode != 0 or not cgroup.startswith("/"):
+        raise QemuError(f"{unit} has no control group (is it running?): {(r.stderr or r.stdout).strip()[-300:]}")
+    procs = os.path.join(CGROUP_ROOT, cgroup.lstrip("/"), "cgroup.procs")
+    try:
+        with open(procs, "w") as f:
+            f.write(f"{pid}\n")
+    except OSError as exc:
+        raise QemuError(f"cannot move pid {pid} into {unit} ({procs}): {exc.strerror}") from None
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            now = f.read().strip()
+    except OSError as exc:
+        raise QemuError(f"pid {pid} gone while it was moved into {unit}: {exc.strerror}") from None
+    if not now.endswith(cgroup):
+        raise QemuError(f"pid {pid} is in {now!r} after the move, not in {unit} ({cgroup})")
 
 
 def stop_unit(unit: str, timeout: float = 60.0) -> bool:

@@ -1,6 +1,7 @@
-"""Lab tier for issue 9's fault cases 8-12 on a systemd host (scenario systemd-faults, systemd 262
-as PID 1, one `systemctl kexec`): `systemctl stop luoagent` during an update rolls back and a
-retried update succeeds; after the kexec the daemon restoring at boot is SIGKILLed at four
+"""Lab tier for issue 9's fault cases 1-12 on a systemd host (scenario systemd-faults, systemd 262
+as PID 1, one `systemctl kexec`): an update through the service interrupted at seven points
+(daemon SIGKILLed, client SIGKILLed, SIGTERM) is undone each time; `systemctl stop luoagent`
+during an update rolls back and a retried update succeeds; after the kexec the daemon restoring at boot is SIGKILLed at four
 points, systemd restarts it each time, and every VM ends running exactly once.
 
 Every check runs inside the lab VM; this file reads its KTAP results by name."""
@@ -19,6 +20,15 @@ def run(lab):
     result = lab.run([sc.NAME])
     print(f"{sc.NAME}: {result.duration:.1f} s wall, {result.boots} boots")
     return result
+
+
+@pytest.mark.parametrize("case", sorted(sc.UPDATE_CASES))
+def test_update_interrupted_before_the_kexec_is_undone(run, case):
+    _point, how, what = sc.UPDATE_CASES[case]
+    run.require(sc.NAME, sc.INTERRUPTED.format(n=case, what=what, outcome=sc.OUTCOMES[how]))
+    for vm in sc.VMS:
+        run.require(sc.NAME, sc.UNDONE.format(n=case, what=what, vm=vm))
+    run.require(sc.NAME, sc.CLEAN.format(n=case, what=what))
 
 
 def test_case8_stop_during_update_rolls_back_and_the_retry_kexecs(run):

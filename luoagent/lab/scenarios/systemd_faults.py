@@ -1,7 +1,11 @@
-"""Lab scenario systemd-faults: fault cases 8-12 of issue 9 on a systemd host, two VMs as units,
-five cases on one `systemctl kexec` (tests/lab/test_systemd_faults_lab.py).
+"""Lab scenario systemd-faults: fault cases 1-12 of issue 9 on a systemd host, two VMs as units,
+twelve cases on one `systemctl kexec` (tests/lab/test_systemd_faults_lab.py).
 
-Stage 1, case 8: `systemctl stop luoagent` while an update waits after quiesce (test-mode
+Stage 1, cases 1-7: a `luoagent update --dry-run` through the service (real LUO sessions, a
+real kexec_file_load) interrupted at a pause point: the daemon SIGKILLed (1-5; systemd restarts
+it and it undoes its journal and fd store), the client SIGKILLed (6; the daemon finishes the
+job), SIGTERM to the daemon (7; it rolls back, exits, systemd restarts it); each time both VMs
+run in place with counters rising, no kexec image, no session, no journal. Case 8: `systemctl stop luoagent` while an update waits after quiesce (test-mode
 pause) must roll back: VMs running in place, counters rising, no kexec image, no session and
 nothing in the fd store; then the retried update succeeds and kexecs. Stage 2, cases 9-12: the
 daemon restoring at boot is SIGKILLed (`systemctl kill -s KILL`) at (9) the manifest read,
@@ -28,7 +32,7 @@ DESCRIPTION = ("systemd host: stop during update rolls back; daemon SIGKILLed at
 MEMORY = "1G"
 FLAVOUR = "systemd"
 SLOW = True
-TIMEOUT = 900.0
+TIMEOUT = 1800.0
 KEY = "systemd-faults"
 VMS = su.VMS
 TEST_DROP_IN = Path("/etc/systemd/system/luoagent.service.d/luoagent-lab-test-mode.conf")
@@ -36,6 +40,24 @@ CONSOLE_DROP_IN = Path("/etc/systemd/system/luoagent.service.d/luoagent-lab-cons
 PAUSE_WAIT = 400.0
 OUT = Path("/lab/systemd-faults")    # the run disk: survives the kexec
 
+#: case number -> (pause point, how the update is interrupted there, what that is)
+UPDATE_CASES = {
+    1: ("after-preflight", "kill", "the daemon SIGKILLed after preflight"),
+    2: ("preserve-ram:a", "kill", "the daemon SIGKILLed during preserve-ram"),
+    3: ("quiesce-migrating:b", "kill", "the daemon SIGKILLed during quiesce, b's migration in flight"),
+    4: ("after-quiesce", "kill", "the daemon SIGKILLed after quiesce"),
+    5: ("after-manifest", "kill", "the daemon SIGKILLed after the manifest"),
+    6: ("after-quiesce", "client", "the client SIGKILLed mid-update"),
+    7: ("quiesce-migrating:b", "term", "SIGTERM to the daemon during quiesce"),
+}
+#: case 6: how long the daemon waits at the pause before it goes on without its client
+CLIENT_CASE_PAUSE_S = 5
+INTERRUPTED = "({n}) {what}: {outcome}"
+OUTCOMES = {"kill": "systemd restarted the daemon, which undid the update",
+            "client": "the daemon finished the job without its client",
+            "term": "the daemon rolled back and exited, the client got the rollback, systemd restarted it"}
+UNDONE = "({n}) {what}: guest {vm} running in place, counter rising"
+CLEAN = "({n}) {what}: no kexec image loaded, no session left (fd store empty), no journal"
 CASE8 = "(8) systemctl stop luoagent during an update (paused after quiesce)"
 CASE8_STOPPED = CASE8 + ": the daemon stopped, the client got the rollback"
 CASE8_RUNNING = CASE8 + ": guest {vm} running in place, counter rising"
@@ -59,15 +81,43 @@ CANARY = "(9-12) guest {vm}: 32 MiB canary byte-identical"
 NOTHING_HELD = "(9-12) after restore: no session held, none in the fd store"
 
 
-def test_mode(pause: str | None) -> None:
-    """Run luoagent.service in test mode paused at ``pause`` (None: back to the shipped unit).
-    Only written: a daemon-reload (or the next boot) makes systemd read it."""
+def test_mode(pause: str | None, seconds: float = 0) -> None:
+    """Run luoagent.service in test mode paused at ``pause`` (None: back to the shipped unit),
+    for ``seconds`` (0: until killed). Only written: a daemon-reload (or the next boot) makes
+    systemd read it."""
     if pause is None:
         TEST_DROP_IN.unlink(missing_ok=True)
         return
     TEST_DROP_IN.write_text("# luoagent lab fault cases: test mode, paused where the scenario kills it\n"
                             "[Service]\nExecStart=\nExecStart=/usr/bin/luoagent --test-mode daemon\n"
-                            f"Environment=LUOAGENT_PAUSE={pause}\n")
+                            f"Environment=LUOAGENT_PAUSE={pause}\n"
+                            + (f"Environment=LUOAGENT_PAUSE_SECONDS={seconds:g}\n" if seconds else ""))
+
+
+def service_pid_and_restarts() -> tuple[str, str]:
+    return host_units.prop(host_units.SERVICE, "MainPID"), host_units.prop(host_units.SERVICE, "NRestarts")
+
+
+def wait_restarted(before: tuple[str, str], timeout: float = 120, serve: bool = True) -> tuple[bool, str]:
+    """Did systemd start the daemon again (a new MainPID, NRestarts one up) and, with ``serve``,
+    is it idle and serving (its recovery done)?"""
+    pid_before, restarts_before = before
+    deadline = time.monotonic() + timeout
+    pid_after, restarts_after = before
+    while time.monotonic() < deadline:
+        pid_after, restarts_after = service_pid_and_restarts()
+        if pid_after not in ("0", pid_before) and restarts_after != restarts_before:
+            break
+        time.sleep(0.5)
+    serving = not serve
+    while time.monotonic() < deadline and not serving:
+        doc, _err = host_units.status_json()
+        serving = (doc or {}).get("phase") == "idle"
+        if not serving:
+            time.sleep(0.5)
+    ok = (pid_after not in ("0", pid_before) and restarts_after.isdigit() and restarts_before.isdigit()
+          and int(restarts_after) == int(restarts_before) + 1 and serving)
+    return ok, f"MainPID {pid_before} -> {pid_after}, NRestarts {restarts_before} -> {restarts_after}, serving {serving}"
 
 
 def restart_service() -> None:
@@ -125,6 +175,60 @@ def sessions_free() -> tuple[bool, str]:
     return len(made) == len(names) and not diag and stored == "0", f"{diag}; NFileDescriptorStore={stored!r}"
 
 
+def update_client(*extra: str) -> subprocess.Popen:
+    return subprocess.Popen(["/usr/bin/luoagent", "update", "--kernel", "/lab/bzImage", "--reuse-cmdline",
+                             *[a for vm in VMS for a in ("--vm", vm)], "--json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def interrupted_update(ctx, n: int) -> None:
+    """Case ``n`` of 1-7: a dry-run update (sessions, kexec image: everything but the kexec)
+    through the service, interrupted at its pause point; then everything must be as before."""
+    from luoagent.adapters import kexec
+
+    point, how, what = UPDATE_CASES[n]
+    test_mode(point, CLIENT_CASE_PAUSE_S if how == "client" else 0)
+    restart_service()
+    client = update_client("--dry-run")
+    paused, doc = wait_paused(point)
+    before = service_pid_and_restarts()
+    if how == "client":
+        client.kill()
+        client.wait(60)
+        deadline = time.monotonic() + PAUSE_WAIT
+        while time.monotonic() < deadline:
+            doc = host_units.status_json()[0] or doc
+            if (doc.get("job") or {}).get("state") in ("done", "failed") and doc.get("phase") == "idle":
+                break
+            time.sleep(0.5)
+        job = doc.get("job") or {}
+        good = paused and job.get("state") == "done" and job.get("dry_run") is True
+        diag = f"job {job}"
+    else:
+        sig = "KILL" if how == "kill" else "TERM"
+        # the daemon's own process: a SIGTERM to its helpers (systemctl, kexec) is no test
+        kill = host_units.systemctl("kill", "--kill-whom=main", "-s", sig, host_units.SERVICE)
+        _out, err = client.communicate(timeout=300)
+        restarted, diag = wait_restarted(before)
+        good = paused and kill.returncode == 0 and restarted and client.returncode != 0
+        if how == "term":
+            good = good and "rolled back" in err
+        diag = f"{diag}; kill exit {kill.returncode}; client exit {client.returncode}: {err[-800:]}"
+    ctx.check(good, INTERRUPTED.format(n=n, what=what, outcome=OUTCOMES[how]),
+              f"paused at {point}: {paused} (status paused_at {doc.get('paused_at')}); {diag}\n"
+              f"{host_units.journal(host_units.SERVICE, 30)}")
+    for vm in VMS:
+        running, diag = counter_rising(vm)
+        ctx.check(running, UNDONE.format(n=n, what=what, vm=vm), diag)
+    free, diag = sessions_free()
+    doc = host_units.status_json()[0] or {}
+    ctx.check(free and not kexec.loaded() and doc.get("journal") is None, CLEAN.format(n=n, what=what),
+              f"{diag}; kexec image loaded {kexec.loaded()}; journal {doc.get('journal')}")
+    if client.poll() is None:
+        client.kill()
+        client.wait(30)
+
+
 def stage_stop_then_update(ctx) -> None:
     from luoagent.adapters import kexec
 
@@ -138,12 +242,12 @@ def stage_stop_then_update(ctx) -> None:
     vms = {vm: su.start_vm(vm, secrets.randbits(48)) for vm in VMS}
     st["vms"] = vms
     ctx.save()
+    for n in sorted(UPDATE_CASES):
+        interrupted_update(ctx, n)
     # case 8: an update paused after quiesce, then `systemctl stop luoagent`
     test_mode("after-quiesce")
     restart_service()
-    client = subprocess.Popen(["/usr/bin/luoagent", "update", "--kernel", "/lab/bzImage", "--reuse-cmdline",
-                               *[a for vm in VMS for a in ("--vm", vm)], "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = update_client()
     paused, doc = wait_paused("after-quiesce")
     stop = host_units.systemctl("stop", host_units.SERVICE)
     out, err = client.communicate(timeout=300)
@@ -200,27 +304,15 @@ def stage_kill_during_restore(ctx) -> None:
     for i, n in enumerate(numbers):
         point, what = RESTORE_CASES[n]
         paused, doc = wait_paused(point)
-        pid_before = host_units.prop(host_units.SERVICE, "MainPID")
-        restarts_before = host_units.prop(host_units.SERVICE, "NRestarts")
+        before = service_pid_and_restarts()
         # the daemon systemd starts next pauses at the next case's point (the last one: none)
         test_mode(RESTORE_CASES[numbers[i + 1]][0] if i + 1 < len(numbers) else None)
         host_units.systemctl("daemon-reload")
         kill = host_units.systemctl("kill", "-s", "KILL", host_units.SERVICE)
-        deadline = time.monotonic() + 120
-        pid_after, restarts_after = pid_before, restarts_before
-        while time.monotonic() < deadline:
-            pid_after = host_units.prop(host_units.SERVICE, "MainPID")
-            restarts_after = host_units.prop(host_units.SERVICE, "NRestarts")
-            if pid_after not in ("0", pid_before) and restarts_after != restarts_before:
-                break
-            time.sleep(0.5)
-        ctx.check(paused and kill.returncode == 0 and pid_after not in ("0", pid_before)
-                  and restarts_after.isdigit() and restarts_before.isdigit()
-                  and int(restarts_after) == int(restarts_before) + 1,
-                  KILLED.format(n=n, what=what),
+        restarted, diag = wait_restarted(before, serve=False)
+        ctx.check(paused and kill.returncode == 0 and restarted, KILLED.format(n=n, what=what),
                   f"paused at {point}: {paused} (status paused_at {doc.get('paused_at')}, phase "
-                  f"{doc.get('phase')}); MainPID {pid_before} -> {pid_after}, NRestarts {restarts_before} -> "
-                  f"{restarts_after}; kill exit {kill.returncode}")
+                  f"{doc.get('phase')}); {diag}; kill exit {kill.returncode}")
     status = su.wait_for_restore()
     job = status.get("job") or {}
     ctx.check(job.get("op") == "restore" and job.get("state") == "done", FINAL_RESTORED,
