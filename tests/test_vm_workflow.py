@@ -49,6 +49,26 @@ def test_cli_splits_qemu_args_at_double_dash():
     assert args.qemu_args == []
 
 
+def test_daemon_request_carries_absolute_paths_and_the_resolved_qemu(tmp_path, monkeypatch):
+    """The daemon has its own cwd and environment: what the client meant must travel resolved."""
+    fake = tmp_path / "bin" / "qemu-system-x86_64"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LUOAGENT_QEMU", "bin/qemu-system-x86_64")
+    args = cli.build_parser().parse_args(
+        ["vm", "--vm-root", "vms", "start", "a", "--memory", "64M", "--vm-dir", "here/a", "--", "-kernel", "g.elf"])
+    req = vm.request_from(args)
+    assert req["root"] == str(tmp_path / "vms") and req["vm_dir"] == str(tmp_path / "here" / "a")
+    assert req["binary"] == str(fake) and req["cwd"] == str(tmp_path) and req["memory"] == 64 << 20
+    assert req["qemu_args"] == ["-kernel", "g.elf"]
+    # refused before any QEMU is looked for (or any daemon asked)
+    monkeypatch.setenv("LUOAGENT_QEMU", "/nonexistent/qemu")
+    with pytest.raises(UsageError, match="--memory"):
+        vm.request_from(cli.build_parser().parse_args(["vm", "start", "a", "--memory", "12345"]))
+
+
 def test_start_rejects_bad_memory_before_touching_anything(tmp_path):
     with pytest.raises(UsageError, match="--memory"):
         vm.start_vm("a", 12345, [], root=tmp_path)
