@@ -58,7 +58,8 @@ def upgrade_held(agent: Agent, root: Path, binary, elf: Path):
     agent.start_daemon(LUOAGENT_FAULT="upgrade-hold")
     rec = start_through_daemon(agent, root, binary, elf)
     counter = assert_guest_alive(rec["pid"], Path(rec["qmp_socket"]))
-    p = client(agent, root, "upgrade", "a", popen=True)
+    # --timeout beyond the 30 s hold: the held migration must not time out by itself
+    p = client(agent, root, "upgrade", "a", "--timeout", "120", popen=True)
     agent.wait_log(HELD, 120)
     return rec, counter, p
 
