@@ -1,5 +1,5 @@
-"""Workflow `luoagent daemon`: the long-lived process that runs updates, restores (and recovery)
-for the CLI's clients over the control socket, holds every LUO session fd and memfd they make.
+"""Workflow `luoagent daemon`: the long-lived process that runs updates, restores, recovery and
+the `vm` verbs for the CLI's clients over the control socket; holds every LUO fd they make.
 
 A client that dies changes nothing: the job is the daemon's, not the connection's; `luoagent
 status --follow` re-attaches. On start the daemon first takes back what systemd's fd store
