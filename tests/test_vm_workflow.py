@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -219,6 +220,10 @@ def test_a_pid_is_this_vm_only_if_its_qmp_socket_matches_as_a_whole_value(tmp_pa
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "-qmp", f"unix:{other},server=on,wait=off"])
     try:
+        # until the exec, /proc/PID/cmdline is still pytest's
+        deadline = time.monotonic() + 10
+        while b"-qmp" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not vm.is_vm_process(vm.VmRecord(name="a", pid=proc.pid, qmp_socket=f"{tmp_path}/a/qmp.sock"))
         assert vm.is_vm_process(vm.VmRecord(name="a2", pid=proc.pid, qmp_socket=other))
     finally:

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,37 +531,43 @@ class SessionSource:
         self.handed = dict(handed or {})
         self.fd_store = fd_store
         self.held: dict[str, object] = {}
+        # VMs retrieve in worker threads; /dev/liveupdate is a singleton, so one opens it at a time
+        self._lock = threading.Lock()
 
     def retrieve_session(self, name: str):
-        if name in self.held:
-            return self.held[name]
-        session = self.handed.pop(name, None)
-        if session is None:
-            with open_device() as lu:
-                session = lu.retrieve_session(name)
-            if self.fd_store is not None:
-                try:
-                    self.fd_store.push(session)
-                except LuoAgentError as exc:  # the restore goes on; only crash safety is lost
-                    log.warning("restore.fd_store_push_failed", session=name, error=str(exc))
-        self.held[name] = session
-        return session
+        with self._lock:
+            if name in self.held:
+                return self.held[name]
+            session = self.handed.pop(name, None)
+            if session is None:
+                with open_device() as lu:
+                    session = lu.retrieve_session(name)
+                if self.fd_store is not None:
+                    try:
+                        self.fd_store.push(session)
+                    except LuoAgentError as exc:  # the restore goes on; only crash safety is lost
+                        log.warning("restore.fd_store_push_failed", session=name, error=str(exc))
+            self.held[name] = session
+            return session
 
     def has(self, name: str) -> bool:
-        return name in self.held or name in self.handed
+        with self._lock:
+            return name in self.held or name in self.handed
 
     def release(self, name: str) -> None:
         """Close the session (an incoming session is finished by that) and drop its copy in
         the fd store: once both are closed the kernel lets it go."""
-        session = self.held.pop(name, None) or self.handed.pop(name, None)
-        if session is not None:
-            session.close()
-        if self.fd_store is not None:
-            self.fd_store.forget(name)
+        with self._lock:
+            session = self.held.pop(name, None) or self.handed.pop(name, None)
+            if session is not None:
+                session.close()
+            if self.fd_store is not None:
+                self.fd_store.forget(name)
 
     def names(self) -> list[str]:
         """Every session this source holds (retrieved, or handed back and not yet used)."""
-        return sorted({*self.held, *self.handed})
+        with self._lock:
+            return sorted({*self.held, *self.handed})
 
 
 # ---------------------------------------------------------------------------------------
@@ -750,20 +757,13 @@ class RestoreJob:
         try:
             note(step="retrieving")
             out.timings["retrieve_boot_ns"] = boot_clock_ns()
-            session = self.source.retrieve_session(vm.session)
-            for r in vm.ram:
-                fd = session.retrieve(r.token)
-                ram_fds.append(fd)
-                size = memfd.size(fd)
-                if size != r.size:
-                    raise RestoreError(f"RAM backend {r.id}: retrieved memfd is {size} bytes, manifest says {r.size}")
-            vmstate_fd = session.retrieve(vm.vmstate.token)
-            size = memfd.size(vmstate_fd)
-            if size != vm.vmstate.size:
-                raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
+            # retrieve and sample check in a worker thread: the kernel's retrieve grows with RAM
+            # and no other VM's retrieve or QEMU start may wait for it (the ioctl, pread and
+            # hashing release the GIL)
+            session, ram_fds, vmstate_fd = await asyncio.to_thread(self._retrieve, vm)
             out.timings["retrieved_boot_ns"] = boot_clock_ns()
             await testmode.pause("restore-after-retrieve", vm.name)
-            _check_ram_sample(vm, ram_fds, self.opts, out)
+            await asyncio.to_thread(_check_ram_sample, vm, ram_fds, self.opts, out)
             mem_paths = {r.id: f"/proc/self/fd/{fd}" for r, fd in zip(vm.ram, ram_fds)}
             await start_incoming(vm, ram_fds, vmstate_fd, mem_paths, self.opts, out, note=note)
             split_kexec_share(out, vm, self.kexec_requested_ns, _boot_started_ns())
@@ -810,6 +810,28 @@ class RestoreJob:
             if not released:
                 self.source.release(vm.session)
         return out
+
+    def _retrieve(self, vm: mf.PreservedVm) -> tuple[object, list[int], int]:
+        """(session, RAM memfds in manifest order, vmstate memfd) of ``vm``, sizes checked;
+        on failure the fds retrieved so far are closed again."""
+        fds: list[int] = []
+        try:
+            session = self.source.retrieve_session(vm.session)
+            for r in vm.ram:
+                fds.append(session.retrieve(r.token))
+                size = memfd.size(fds[-1])
+                if size != r.size:
+                    raise RestoreError(f"RAM backend {r.id}: retrieved memfd is {size} bytes, manifest says {r.size}")
+            fds.append(session.retrieve(vm.vmstate.token))
+            size = memfd.size(fds[-1])
+            if size != vm.vmstate.size:
+                raise RestoreError(f"vmstate memfd is {size} bytes, manifest says {vm.vmstate.size}")
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return session, fds[:-1], fds[-1]
 
     async def _qemu_on_socket(self, vm: mf.PreservedVm):
         """(pid, Qmp) of the QEMU serving this VM's QMP socket, or (0, None)."""
