@@ -251,10 +251,11 @@ def main() -> int:
     doc = {"lab_cold_start_s": lab_cold, "machine": {"before": host_before, "after": machine()}, "plan": plan,
            "run_dirs": [str(d) for d in run_dirs],
            "wall_s": round(time.monotonic() - started, 1), "lab_ok": lab_ok, **blackout.to_json(rows),
-           "cold_start": cold, "problems": problems, "not_run": not_run}
+           "cold_start": cold, "problems": problems, "not_run": not_run, "chart": chart_note}
     # an incomplete matrix is not a pass either: what did not run is listed, with no figure
     code = blackout.exit_code(rows) or (0 if lab_ok and not not_run else 1)
     if args.json:
+        progress(chart_note)  # stdout holds the JSON alone
         print(json.dumps(doc, indent=1))
     else:
         print(blackout.table(rows))

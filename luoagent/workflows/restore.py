@@ -531,7 +531,10 @@ class SessionSource:
         self.handed = dict(handed or {})
         self.fd_store = fd_store
         self.held: dict[str, object] = {}
-        # VMs retrieve in worker threads; /dev/liveupdate is a singleton, so one opens it at a time
+        # VMs retrieve in worker threads: one at a time opens the singleton /dev/liveupdate and
+        # hands the session to the fd store (_device); the dicts change under _lock, which is
+        # never held while waiting for the device (the event loop takes it too)
+        self._device = threading.Lock()
         self._lock = threading.Lock()
 
     def retrieve_session(self, name: str):
@@ -539,7 +542,8 @@ class SessionSource:
             if name in self.held:
                 return self.held[name]
             session = self.handed.pop(name, None)
-            if session is None:
+        if session is None:
+            with self._device:
                 with open_device() as lu:
                     session = lu.retrieve_session(name)
                 if self.fd_store is not None:
@@ -547,8 +551,9 @@ class SessionSource:
                         self.fd_store.push(session)
                     except LuoAgentError as exc:  # the restore goes on; only crash safety is lost
                         log.warning("restore.fd_store_push_failed", session=name, error=str(exc))
+        with self._lock:
             self.held[name] = session
-            return session
+        return session
 
     def has(self, name: str) -> bool:
         with self._lock:
@@ -559,10 +564,10 @@ class SessionSource:
         the fd store: once both are closed the kernel lets it go."""
         with self._lock:
             session = self.held.pop(name, None) or self.handed.pop(name, None)
-            if session is not None:
-                session.close()
-            if self.fd_store is not None:
-                self.fd_store.forget(name)
+        if session is not None:
+            session.close()
+        if self.fd_store is not None:
+            self.fd_store.forget(name)
 
     def names(self) -> list[str]:
         """Every session this source holds (retrieved, or handed back and not yet used)."""

@@ -1,4 +1,4 @@
-"""Helpers several lab scenarios share (a KTAP check, the env of child agents), written once.
+"""Helpers several lab scenarios share (a KTAP check, the env of child agents, the guest image), written once.
 
 Not a scenario itself: the registry skips modules whose name starts with an underscore."""
 
@@ -27,3 +27,11 @@ def agent_env() -> dict:
     for k in (testmode.FAULT_ENV, testmode.SKIP_ENV):
         env.pop(k, None)
     return env
+
+
+def guest_elf() -> Path:
+    """The counter guest's image on the lab run disk (built on the host, luoagent/lab/guest.py)."""
+    for p in (Path("/lab/guest/guest.elf"), *Path("/lab/guest").glob("*.elf")):
+        if p.is_file():
+            return p
+    raise RuntimeError("the lab run disk has no guest (/lab/guest/*.elf): was the guest built?")

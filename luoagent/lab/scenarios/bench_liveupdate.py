@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from luoagent.lab.scenarios._common import agent_env
+from luoagent.lab.scenarios._common import agent_env, guest_elf
 
 NAME = "bench-liveupdate"
 DESCRIPTION = "benchmark: blackout across a real kexec, luoagent vs full-copy baseline (plan from --debug plan=)"
@@ -71,13 +71,6 @@ def boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
-def _guest_elf() -> Path:
-    for p in (Path("/lab/guest/guest.elf"), *Path("/lab/guest").glob("*.elf")):
-        if p.is_file():
-            return p
-    raise RuntimeError("the lab run disk has no guest (/lab/guest/*.elf): was the guest built?")
-
-
 def _dir(name: str) -> Path:
     return RUN_ROOT / name
 
@@ -93,7 +86,7 @@ def _guest_argv(name: str, ram: int, fd: int, incoming: bool = False) -> list[st
     from luoagent.adapters import qemu_ram
 
     argv = ["-machine", "pc", "-accel", "tcg", "-m", str(ram // MIB), "-nodefaults", "-display", "none",
-            "-kernel", str(_guest_elf()), "-serial", f"file:{_dir(name) / 'serial.log'}",
+            "-kernel", str(guest_elf()), "-serial", f"file:{_dir(name) / 'serial.log'}",
             *qemu_ram.ram_backend_args("ram0", ram, fd=fd)]
     return argv + (["-incoming", "defer"] if incoming else [])
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from luoagent.lab import bystander, host_units
 from luoagent.lab.scenarios import systemd_host as sh
 from luoagent.lab.scenarios import vm_update as vu
+from luoagent.lab.scenarios._common import guest_elf
 
 NAME = "systemd-update"
 DESCRIPTION = "systemd host: VMs as units, luoagent update, systemctl kexec, restored at boot by the service"
@@ -61,7 +62,7 @@ def start_vm(vm: str, seed: int) -> dict:
 
     user = ["--user", vu.UNPRIVILEGED_USER] if vm == UNPRIVILEGED else []
     r = vu.luoagent("vm", "start", vm, "--memory", f"{vu.VM_RAM >> 20}M", *user, "--json", "--",
-                    "-machine", "pc", "-nodefaults", "-kernel", str(vu._guest_elf()), timeout=300)
+                    "-machine", "pc", "-nodefaults", "-kernel", str(guest_elf()), timeout=300)
     if r.returncode != 0:
         raise RuntimeError(f"luoagent vm start {vm} failed: {r.stderr[-1500:]}")
     pid = json.loads(r.stdout)["pid"]

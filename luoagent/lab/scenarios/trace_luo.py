@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from luoagent.lab.scenarios._common import agent_env
+from luoagent.lab.scenarios._common import agent_env, guest_elf
 
 NAME = "trace"
 DESCRIPTION = "luoagent trace on real LUO: create/preserve, --pid attach + detach, update --dry-run, retrieve after kexec"
@@ -366,16 +366,9 @@ def _part_hold(ctx) -> None:
 
 
 # stage 1, part C: --pid on `luoagent update --dry-run` with a counter guest started by `luoagent vm start`
-def _guest_elf() -> Path:
-    for p in (Path("/lab/guest/guest.elf"), *Path("/lab/guest").glob("*.elf")):
-        if p.is_file():
-            return p
-    raise RuntimeError("the lab run disk has no guest (/lab/guest/*.elf): was the guest built?")
-
-
 def _part_update(ctx) -> None:
     r = _run(_agent("vm", "start", VM, "--memory", f"{VM_RAM_MB}M", "--json", "--",
-                    "-machine", "pc", "-nodefaults", "-kernel", str(_guest_elf())))
+                    "-machine", "pc", "-nodefaults", "-kernel", str(guest_elf())))
     if not ctx.check(r.returncode == 0, f"luoagent vm start {VM} (counter guest, memfd RAM)", r.stderr[-1500:]):
         return
     out = OUT / "update.jsonl"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from luoagent import manifest as mf
 from luoagent import testmode
-from luoagent.lab.scenarios._common import agent_env
+from luoagent.lab.scenarios._common import agent_env, guest_elf
 
 NAME = "vm-update"
 DESCRIPTION = "two VMs across a real kexec with luoagent update/restore; rollback; manifest errors"
@@ -73,13 +73,6 @@ def luoagent(*args: str, fault: str = "", stdout=None, stderr=None, timeout: flo
     return subprocess.run([sys.executable, "-m", "luoagent", *mode, *args], text=True, env=env, timeout=timeout, **kw)
 
 
-def _guest_elf() -> Path:
-    for p in (Path("/lab/guest/guest.elf"), *Path("/lab/guest").glob("*.elf")):
-        if p.is_file():
-            return p
-    raise RuntimeError("the lab run disk has no guest (/lab/guest/*.elf): was the guest built?")
-
-
 def _dir(vm: str) -> Path:
     return (VM_ROOT if vm == STARTED_BY_LUOAGENT else RUN_ROOT) / vm
 
@@ -100,7 +93,7 @@ def start_guest(vm: str, seed: int) -> dict:
 
     if vm == STARTED_BY_LUOAGENT:
         r = luoagent("vm", "start", vm, "--memory", f"{VM_RAM >> 20}M", "--user", UNPRIVILEGED_USER, "--json", "--",
-                     "-machine", "pc", "-nodefaults", "-kernel", str(_guest_elf()), timeout=180)
+                     "-machine", "pc", "-nodefaults", "-kernel", str(guest_elf()), timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"luoagent vm start {vm} failed: {r.stderr[-1500:]}")
         pid = json.loads(r.stdout)["pid"]
@@ -108,7 +101,7 @@ def start_guest(vm: str, seed: int) -> dict:
         _dir(vm).mkdir(parents=True, exist_ok=True)
         fd = memfd.create(f"luoagent-lab-{vm}", VM_RAM)
         argv = ["-machine", "pc", "-accel", "tcg", "-m", str(VM_RAM >> 20), "-nodefaults", "-display", "none",
-                "-kernel", str(_guest_elf()), "-serial", f"file:{_serial(vm)}",
+                "-kernel", str(guest_elf()), "-serial", f"file:{_serial(vm)}",
                 *qemu_ram.ram_backend_args("ram0", VM_RAM, fd=fd)]
         proc = qemu_binary.launch(qemu_binary.find_qemu(), argv, pass_fds=[fd], qmp_socket=_sock(vm),
                            log=_dir(vm) / "qemu.log", daemon=True)
