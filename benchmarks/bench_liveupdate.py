@@ -287,7 +287,8 @@ def main() -> int:
                 if r.path == "systemd":
                     print(f"{r.config} systemd: orderly shutdown (systemctl kexec call -> 'Starting new kernel') "
                           f"{f['orderly_shutdown_s']:.3f} s")
-                print(f"{r.config}: preserve {f['preserve_s_per_gib']:.3f} s/GiB (outside the blackout), "
+                label = r.config if r.path == "luoagent" else f"{r.config} {r.path}"
+                print(f"{label}: preserve {f['preserve_s_per_gib']:.3f} s/GiB (outside the blackout), "
                       f"LUO retrieve {f['luo_retrieve_s_per_gib']:.3f} s/GiB, RAM sample {f['ram_sample_ms_per_gib']:.1f} ms/GiB; "
                       f"quiesce phase {f['quiesce_phase_s']:.3f} s (slowest VM {f['quiesce_slowest_vm_s']:.3f} s, "
                       f"sum {f['quiesce_sum_s']:.3f} s), stops spread over {f['stop_spread_s']:.3f} s")
