@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Blackout across a real kexec in the lab: luoagent (RAM kept in place) vs the full-copy baseline
-(cpr-reboot without x-ignore-shared into a file, kexec, load back), split into kernel/QEMU/agent.
+(cpr-reboot without x-ignore-shared into a file, kexec, load back), split into kernel/QEMU/agent;
+with --systemd, the path through luoagent.service and `systemctl kexec` on the systemd lab.
 
-Drives the lab scenario bench-liveupdate with a plan of runs, then joins the console's host arrival
-times with the kernels' clocks (luoagent/lab/blackout.py). Prints a table (or --json) and writes a
-PNG chart. A run whose guests did not really come back prints no figure and exits 1."""
+Drives the lab scenario bench-liveupdate (or bench-systemd) with a plan of runs, then joins the
+console's host arrival times with the kernels' clocks (luoagent/lab/blackout.py). Prints a table
+(or --json) and writes a PNG chart. A run whose guests did not really come back prints no figure
+and exits 1."""
 
 from __future__ import annotations
 
@@ -29,18 +31,23 @@ from luoagent.lab import blackout  # noqa: E402
 FULL_CONFIGS = [(64, 1), (512, 1), (2048, 1), (64, 2), (64, 4), (64, 8)]
 QUICK_CONFIGS = [(64, 1), (64, 2)]
 PATHS = ("luoagent", "baseline")
+#: --systemd: one path, its own scenario on the systemd flavour of the lab
+SYSTEMD_PATHS = ("systemd",)
+SYSTEMD_CONFIGS = [(64, 1), (64, 2)]
+SCENARIO = {PATHS: "bench-liveupdate", SYSTEMD_PATHS: "bench-systemd"}
 
 
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def make_plan(configs: list[tuple[int, int]], repeat: int) -> list[dict]:
+def make_plan(configs: list[tuple[int, int]], repeat: int, paths: tuple[str, ...] = PATHS) -> list[dict]:
     """Every config x path, ``repeat`` times, interleaved so that drift in load hits both paths alike
     (the path that goes first alternates between repeats)."""
     plan = []
+    all_paths = paths
     for r in range(repeat):
-        paths = PATHS if r % 2 == 0 else PATHS[::-1]
+        paths = all_paths if r % 2 == 0 else all_paths[::-1]
         for ram, vms in configs:
             for path in paths:
                 plan.append({"path": path, "ram_mib": ram, "vms": vms})
@@ -87,11 +94,13 @@ def machine() -> dict:
 
 # --- chart --------------------------------------------------------------------------------------
 COLORS = {blackout.KERNEL: "#4c72b0", blackout.QEMU: "#dd8452", blackout.AGENT: "#c44e52",
-          blackout.INIT: "#8c8c8c", blackout.TOOL: "#55a868"}
+          blackout.INIT: "#8c8c8c", blackout.SYSTEMD: "#8172b3", blackout.TOOL: "#55a868"}
+#: bar letter and curve style per path
+PATH_STYLE = {"luoagent": ("L", "o-"), "baseline": ("B", "s--"), "systemd": ("S", "^:")}
 
 
 def chart(rows: list[blackout.Row], path: Path) -> str:
-    """Stacked blackout bars per configuration (luoagent vs baseline) and scaling curves."""
+    """Stacked blackout bars per configuration (each path: luoagent, baseline, systemd) and scaling curves."""
     try:
         import matplotlib
 
@@ -104,8 +113,11 @@ def chart(rows: list[blackout.Row], path: Path) -> str:
         return "no chart: no valid row"
     fig, (bars, ram_ax, vm_ax) = plt.subplots(1, 3, figsize=(16, 5.5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     configs = list(dict.fromkeys(r.config for r in good))
-    width = 0.38
-    for offset, which in ((-width / 2, "luoagent"), (width / 2, "baseline")):
+    paths = [p for p in PATH_STYLE if any(r.path == p for r in good)]
+    width = 0.76 / len(paths)
+    labelled: set[str] = set()
+    for k, which in enumerate(paths):
+        offset = (k - (len(paths) - 1) / 2) * width
         bottom = [0.0] * len(configs)
         for owner in blackout.OWNERS:
             values = []
@@ -114,19 +126,20 @@ def chart(rows: list[blackout.Row], path: Path) -> str:
                 values.append(row.figures()["owners_s"][owner] if row else 0.0)
             if any(values):
                 bars.bar([i + offset for i in range(len(configs))], values, width, bottom=bottom,
-                         color=COLORS[owner], edgecolor="white",
-                         label=owner if which == "luoagent" or owner == blackout.TOOL else None)
+                         color=COLORS[owner], edgecolor="white", label=None if owner in labelled else owner)
+                labelled.add(owner)
             bottom = [b + v for b, v in zip(bottom, values)]
         for i, total in enumerate(bottom):
             if total:
-                bars.text(i + offset, total, "L" if which == "luoagent" else "B", ha="center", va="bottom", fontsize=8)
+                bars.text(i + offset, total, PATH_STYLE[which][0], ha="center", va="bottom", fontsize=8)
     bars.set_xticks(range(len(configs)), configs)
     bars.set_ylabel("guest blackout, s (median; slowest guest)")
-    bars.set_title("blackout by owner: L = luoagent, B = full-copy baseline")
+    bars.set_title("blackout by owner: " + ", ".join(
+        f"{PATH_STYLE[p][0]} = {'full-copy baseline' if p == 'baseline' else p}" for p in paths))
     bars.legend(loc="upper left", fontsize=8)
     for ax, pick, xlabel, xval in ((ram_ax, lambda r: r.vms == 1, "guest RAM, MiB (1 VM)", lambda r: r.ram_mib),
                                    (vm_ax, lambda r: r.ram_mib == 64, "VMs of 64 MiB", lambda r: r.vms)):
-        for which, style in (("luoagent", "o-"), ("baseline", "s--")):
+        for which, (_letter, style) in ((p, PATH_STYLE[p]) for p in paths):
             pts = sorted(((xval(r), r.figures()["blackout_s"]) for r in good if r.path == which and pick(r)),
                          key=lambda p: p[0])
             if pts:
@@ -195,6 +208,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration and path (default 3)")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_CONFIGS} once each")
+    ap.add_argument("--systemd", action="store_true",
+                    help="the systemd path instead: luoagent.service, `systemctl kexec`, restore at boot, on the "
+                    f"lab's systemd flavour (default configs {SYSTEMD_CONFIGS})")
     ap.add_argument("--configs", help="MIBxVMS list, e.g. 64x1,512x1 (default: the full matrix)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON document")
     ap.add_argument("--chart", default="bench_liveupdate.png", help="PNG chart path (default ./bench_liveupdate.png)")
@@ -208,9 +224,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")
-    configs = QUICK_CONFIGS if args.quick else parse_configs(args.configs) if args.configs else FULL_CONFIGS
+    paths = SYSTEMD_PATHS if args.systemd else PATHS
+    quick, full = (SYSTEMD_CONFIGS, SYSTEMD_CONFIGS) if args.systemd else (QUICK_CONFIGS, FULL_CONFIGS)
+    configs = quick if args.quick else parse_configs(args.configs) if args.configs else full
     repeat = 1 if args.quick else args.repeat
-    plan = make_plan(configs, repeat)
+    plan = make_plan(configs, repeat, paths)
     host_before = machine()
     started = time.monotonic()
     lab_ok, lab_summary = True, ""
@@ -223,7 +241,7 @@ def main() -> int:
         progress(f"{len(plan)} runs ({len(plan)} kexecs): {plan_text(plan)}")
         lab = build_lab(kernel=args.kernel, progress=Progress("lab"), selftests=False)
         echo = (lambda ln: print(ln, file=sys.stderr)) if args.console else None
-        result = lab.run(["bench-liveupdate"], debug={"plan": plan_text(plan)}, progress=Progress("lab"), echo=echo)
+        result = lab.run([SCENARIO[paths]], debug={"plan": plan_text(plan)}, progress=Progress("lab"), echo=echo)
         run_dirs = [result.console_log.parent]
         (run_dirs[0] / "plan.json").write_text(json.dumps(plan))
         lab_ok, lab_summary = result.ok, result.summary()
@@ -265,9 +283,13 @@ def main() -> int:
         print(blackout.segment_table(rows))
         print()
         for r in rows:
-            if r.ok and r.path == "luoagent":
+            if r.ok and r.path in ("luoagent", "systemd"):
                 f = r.figures()["figures"]
-                print(f"{r.config}: preserve {f['preserve_s_per_gib']:.3f} s/GiB (outside the blackout), "
+                if r.path == "systemd":
+                    print(f"{r.config} systemd: orderly shutdown (systemctl kexec call -> 'Starting new kernel') "
+                          f"{f['orderly_shutdown_s']:.3f} s")
+                label = r.config if r.path == "luoagent" else f"{r.config} {r.path}"
+                print(f"{label}: preserve {f['preserve_s_per_gib']:.3f} s/GiB (outside the blackout), "
                       f"LUO retrieve {f['luo_retrieve_s_per_gib']:.3f} s/GiB, RAM sample {f['ram_sample_ms_per_gib']:.1f} ms/GiB; "
                       f"quiesce phase {f['quiesce_phase_s']:.3f} s (slowest VM {f['quiesce_slowest_vm_s']:.3f} s, "
                       f"sum {f['quiesce_sum_s']:.3f} s), stops spread over {f['stop_spread_s']:.3f} s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,147 @@ def test_a_run_stopped_early_counts_only_the_runs_it_reached(tmp_path):
     assert len(not_run) == 3 and "baseline 1x64MiB" in not_run[0]
     built = bo.build_rows(reached, crossings, records, problems)
     assert [(r.config, r.path, r.ok) for r in built] == [("1x64MiB", "luoagent", True)]
+
+
+# --- the systemd path (bench-systemd: luoagent.service, systemctl kexec, restore at boot) ---------
+def systemd_console(index: int, t0: float, *, result: dict | None = None, drop: str = "") -> list[tuple[float, str]]:
+    """Console of bench-systemd stage index+1 whose kexec ("Starting new kernel", printk 99.9) arrives
+    at host t0. Old boot: clock marks say boottime = printk + 0.02 s; systemd-shutdown starts at printk
+    98.0 (arriving late) and says "Rebooting with kexec." at 99.5. New kernel as in console()."""
+    rows = [(t0 - 60, f"    # lab-stage: bench-systemd {index + 1}/3 hop={index}"),
+            (t0 - 59, f"[  40.000000] {bo.CLOCK_MARK}{int(40.02 * S)}"),
+            (t0 - 3, f"[  96.990000] {bo.CLOCK_MARK}{int(97.01 * S)}"),
+            (t0 - 1.0, "[  98.000000] systemd-shutdown[1]: Syncing filesystems and block devices."),
+            (t0 - 0.9, "[  98.100000] systemd-shutdown[1]: Sending SIGTERM to remaining processes..."),
+            (t0 - 0.3, "[  99.500000] systemd-shutdown[1]: Rebooting with kexec."),
+            (t0, "[  99.900000] kexec_core: Starting new kernel")]
+    zero = t0 + 2.0
+    rows += [(zero + 0.5, "[    0.000000] Linux version 7.2.13"),
+             (zero + 1.0, "[    1.000000] virtio_blk virtio0: [vda]"),
+             (zero + 3.0, "[    3.000000] Run /lib/systemd/systemd as init process"),
+             (zero + 9.0, "[    4.000000] systemd[1]: late user-space line"),
+             (zero + 20.0, "# lab-boot: boot=2 hop=1 uptime=20.0"),
+             (zero + 20.1, f"    # lab-stage: bench-systemd {index + 2}/3 hop={index + 1}"),
+             (zero + 20.11, f"[   20.110000] {bo.CLOCK_MARK}{int(20.16 * S)}")]
+    if result is not None:
+        rows.append((zero + 40, "    " + bo.RESULT_MARK + json.dumps(result)))
+    return [r for r in rows if not drop or drop not in r[1]]
+
+
+def systemd_record(index: int = 0, restored: bool = True, restarts: int = 0) -> dict:
+    """One systemd run, 1 VM: stop at old boottime 95.0 s, saved 0.2 s later, `systemctl kexec` called at
+    96.0; new boot (boottime = printk + 0.05): luoagent.service started 5.05, then as luoagent_record."""
+    rec = luoagent_record(index, restored)
+    real_minus_boot = rec["old"]["clock_pair"][0] - rec["old"]["clock_pair"][1]
+    b = lambda s: int((s + 0.05) * S)
+    rec["path"] = "systemd"
+    rec["new"]["update"]["vms"][0]["stopped_at_ns"] = real_minus_boot + 95 * S
+    del rec["new"]["restore_exec_boot_ns"]
+    rec["new"]["restore"]["kexec_requested_ns"] = real_minus_boot + 96 * S
+    rec["new"].update(service_start_boot_ns=b(5.0), service_restarts=restarts)
+    return rec
+
+
+def test_systemd_crossing_anchors_the_old_clock_on_the_jump_and_finds_systemd_shutdown():
+    c = bo.systemd_crossing(systemd_console(0, 1000.0)[1:])
+    # old printk p -> host 1000 - (99.9 - p): arrival times of the shutdown lines themselves do not count
+    assert c.jump == 1000.0
+    assert c.shutdown_started == pytest.approx(1000.0 - 1.9)
+    assert c.reboot_call == pytest.approx(1000.0 - 0.4)
+    assert c.reboot_call_boot_ns == pytest.approx((99.5 + 0.02) * S)  # the last clock mark's offset
+    assert c.kernel_zero == pytest.approx(1002.0) and c.init_s == 3.0
+    assert c.boot_minus_printk == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("drop, match", [("Rebooting with kexec", "systemd-shutdown"),
+                                         ("systemd-shutdown[1]", "systemd-shutdown"),
+                                         ("] " + bo.CLOCK_MARK + "40", None)])
+def test_systemd_crossing_needs_systemd_shutdown_lines_and_an_old_clock_mark(drop, match):
+    if match is None:  # one of two clock marks gone: the other still anchors the old boot
+        assert bo.systemd_crossing(systemd_console(0, 1000.0, drop=drop)[1:]).reboot_call_boot_ns
+        rows = [r for r in systemd_console(0, 1000.0)[1:] if not (bo.CLOCK_MARK in r[1] and r[0] < 1000.0)]
+        with pytest.raises(bo.TimelineError, match="old boot"):
+            bo.systemd_crossing(rows)
+        return
+    with pytest.raises(bo.TimelineError, match=re.escape(match)):
+        bo.systemd_crossing(systemd_console(0, 1000.0, drop=drop)[1:])
+
+
+def test_systemd_segments_split_the_orderly_shutdown_and_add_up():
+    cross = bo.systemd_crossing(systemd_console(0, 1000.0)[1:])
+    run = bo.run_timeline(systemd_record(), cross)
+    v = run.worst()
+    seg = v.segments
+    assert list(seg) == [s for s, _o in bo.SEGMENTS["systemd"]]
+    # old boottime b -> host 1000 - (99.9 - (b - 0.02)); new boottime b -> host 1002 + b - 0.05
+    assert seg["save"] == pytest.approx(0.2)
+    assert seg["until systemctl kexec"] == pytest.approx(0.8)
+    assert seg["orderly shutdown: stop units"] == pytest.approx(98.0 - 95.98)
+    assert seg["orderly shutdown: systemd-shutdown"] == pytest.approx(1.5)
+    assert seg["kexec -e + kernel shutdown"] == pytest.approx(0.4)
+    assert seg["kexec jump + decompress"] == pytest.approx(2.0)
+    assert seg["kernel boot"] == pytest.approx(3.0)
+    assert seg["systemd starts luoagent.service"] == pytest.approx(2.0)
+    assert seg["agent start"] == pytest.approx(1.0)
+    assert v.blackout == pytest.approx((1002.0 + 8.0) - (1000.0 - (99.9 - 94.98)))
+    owners = v.by_owner("systemd")
+    assert sum(owners.values()) == pytest.approx(v.blackout)
+    assert owners[bo.SYSTEMD] == pytest.approx(2.02 + 1.5)
+    assert owners[bo.INIT] == pytest.approx(2.0)
+    assert run.figures["orderly_shutdown_s"] == pytest.approx(99.9 - 95.98)
+
+
+def test_systemd_run_with_a_restarted_service_or_backwards_clocks_gives_no_figure():
+    cross = bo.systemd_crossing(systemd_console(0, 1000.0)[1:])
+    with pytest.raises(bo.TimelineError, match="restarted"):
+        bo.run_timeline(systemd_record(restarts=1), cross)
+    late = systemd_record()
+    late["new"]["restore"]["kexec_requested_ns"] += 5 * S  # "called" after systemd-shutdown began
+    with pytest.raises(bo.TimelineError, match="backwards"):
+        bo.run_timeline(late, cross)
+    no_call = systemd_record()
+    no_call["new"]["restore"]["kexec_requested_ns"] = None
+    with pytest.raises(bo.TimelineError, match="systemctl kexec"):
+        bo.run_timeline(no_call, cross)
+
+
+def _systemd_rows(restored: bool = True):
+    plan = [{"path": "systemd", "ram_mib": 64, "vms": 1}, {"path": "systemd", "ram_mib": 64, "vms": 1}]
+    rows_in = (systemd_console(0, 1000.0, result=systemd_record(0, restored))
+               + systemd_console(1, 2000.0, result=systemd_record(1))[1:]
+               + [(3000.0, "    # lab-stage: bench-systemd 3/3 hop=2")])
+    crossings, records, problems = bo.parse_console(rows_in)
+    assert sorted(crossings) == [0, 1] and len(records) == 2 and not problems
+    assert crossings[1].shutdown_started is not None  # found through the bench-systemd stage line
+    return bo.build_rows(plan, crossings, records, problems)
+
+
+def test_systemd_rows_table_and_json():
+    rows = _systemd_rows()
+    assert [(r.config, r.path, r.ok) for r in rows] == [("1x64MiB", "systemd", True)]
+    assert rows[0].figures()["blackout_s"]["n"] == 2
+    doc = bo.to_json(rows)
+    assert doc["ok"] is True and json.loads(json.dumps(doc)) == doc
+    assert set(doc["rows"][0]["owners_s"]) == set(bo.OWNERS)
+    assert "orderly_shutdown_s" in doc["rows"][0]["figures"]
+    head, _rule, line = bo.table(rows).splitlines()
+    assert "systemd" in head and line.split()[:2] == ["1x64MiB", "systemd"]
+    assert "orderly shutdown: stop units [systemd]" in bo.segment_table(rows)
+
+
+def test_systemd_guest_not_restored_gives_no_figure():
+    rows = _systemd_rows(restored=False)
+    assert not rows[0].ok and bo.exit_code(rows) == 1
+    assert "NO FIGURE" in bo.table(rows)
+
+
+def test_systemd_plan_round_trips_to_its_scenario():
+    from luoagent.lab.scenarios import bench_systemd
+
+    bench = _bench_module()
+    plan = bench.make_plan(bench.SYSTEMD_CONFIGS, 2, bench.SYSTEMD_PATHS)
+    assert [p["path"] for p in plan] == ["systemd"] * 4
+    assert bench_systemd.parse_plan(bench.plan_text(plan)) == plan
+    assert bench_systemd.FLAVOUR == "systemd" and bench.SCENARIO[bench.SYSTEMD_PATHS] == bench_systemd.NAME
+    with pytest.raises(ValueError, match="systemd"):
+        bench_systemd.parse_plan("luoagent:64:1")

@@ -1,5 +1,6 @@
 """Time line of each guest's blackout across a lab kexec: the host's console arrival times joined
-with the kernels' boot clocks and the bench-liveupdate scenario's records; medians, table, JSON.
+with the kernels' boot clocks and the bench scenarios' records (bench-liveupdate: the agent's own
+reboot(KEXEC) and the full-copy baseline; bench-systemd: luoagent.service + `systemctl kexec`).
 
 Pure arithmetic over what was measured (no lab, no I/O): benchmarks/bench_liveupdate.py feeds it."""
 
@@ -11,8 +12,9 @@ import statistics
 from dataclasses import dataclass, field
 
 #: who spends a segment. "init": what starts the agent after boot (the lab's runner here,
-#: systemd on a host); "tool": the baseline's own driver (a script a user would write)
-KERNEL, QEMU, AGENT, INIT, TOOL = "kernel", "QEMU", "luoagent", "init", "tool"
+#: systemd on a host); "tool": the baseline's own driver (a script a user would write);
+#: "systemd": the orderly shutdown of `systemctl kexec` (stopping units, systemd-shutdown)
+KERNEL, QEMU, AGENT, INIT, TOOL, SYSTEMD = "kernel", "QEMU", "luoagent", "init", "tool", "systemd"
 
 #: the kernel log line luoagent.adapters.kexec writes right before reboot(LINUX_REBOOT_CMD_KEXEC)
 REBOOT_MARK = "luoagent: reboot(LINUX_REBOOT_CMD_KEXEC) now, boottime_ns="
@@ -20,10 +22,18 @@ LAST_OLD_KERNEL_LINE = "kexec_core: Starting new kernel"
 RESULT_MARK = "# bench-result "
 COLDSTART_MARK = "# bench-coldstart "
 CLOCK_MARK = "luoagent-bench: boottime_ns="
-STAGE_MARK = "# lab-stage: bench-liveupdate "
+#: the stage line of each bench scenario -> its path family (how its kexec is found on the console)
+STAGE_MARKS = {"# lab-stage: bench-liveupdate ": "direct", "# lab-stage: bench-systemd ": "systemd"}
+#: systemd-shutdown's lines on the console (kmsg): its first one, and its last before it forks
+#: `kexec -e` (or calls reboot(RB_KEXEC) itself)
+SHUTDOWN_TAG = "systemd-shutdown[1]:"
+SHUTDOWN_REBOOT_LINE = "systemd-shutdown[1]: Rebooting with kexec."
 _PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")
 _INIT = re.compile(r"Run (\S+) as init process")
 GIB = 1 << 30
+#: how far a segment may run backwards before the clocks joined for it count as disagreeing
+#: (the console's arrival times are read in ms steps; printk and boot clocks drift apart slowly)
+CLOCK_SLACK_S = 0.05
 
 #: (segment, owner) in time-line order, per path; each segment's ends are named in _events
 SEGMENTS = {
@@ -38,8 +48,17 @@ SEGMENTS = {
         ("kernel boot", KERNEL), ("init starts tool", INIT), ("tool", TOOL),
         ("QEMU start", QEMU), ("load RAM from disk", QEMU), ("cont", QEMU),
     ],
+    # luoagent.service does the update, `systemctl kexec`, and restores at boot (bench-systemd)
+    "systemd": [
+        ("save", QEMU), ("until systemctl kexec", AGENT), ("orderly shutdown: stop units", SYSTEMD),
+        ("orderly shutdown: systemd-shutdown", SYSTEMD), ("kexec -e + kernel shutdown", KERNEL),
+        ("kexec jump + decompress", KERNEL), ("kernel boot", KERNEL),
+        ("systemd starts luoagent.service", INIT), ("agent start", AGENT), ("manifest", AGENT),
+        ("wait for other VMs", AGENT), ("LUO retrieve", KERNEL), ("RAM sample check", AGENT),
+        ("QEMU start", QEMU), ("vmstate load", QEMU), ("cont", QEMU),
+    ],
 }
-OWNERS = (KERNEL, QEMU, AGENT, INIT, TOOL)
+OWNERS = (KERNEL, QEMU, AGENT, INIT, SYSTEMD, TOOL)
 
 
 class TimelineError(ValueError):
@@ -49,14 +68,18 @@ class TimelineError(ValueError):
 @dataclass
 class Crossing:
     """One kexec as the host saw it, seconds on the host's monotonic clock (from QEMU start)."""
-    reboot_call: float          # the reboot mark (written right before the syscall), see crossing()
-    reboot_call_boot_ns: int    # the old kernel's CLOCK_BOOTTIME in that mark
+    #: the reboot call: luoagent's reboot mark (written right before the syscall), see crossing();
+    #: under systemd, systemd-shutdown's "Rebooting with kexec." line, see systemd_crossing()
+    reboot_call: float
+    reboot_call_boot_ns: int    # the old kernel's CLOCK_BOOTTIME at that call
     jump: float                 # arrival of the old kernel's last line ("Starting new kernel")
     kernel_zero: float          # the new kernel's clock 0: min over its lines of (arrival - printk time)
     init_s: float               # the new kernel's clock when it ran init ("Run ... as init process")
     lines: int                  # new-kernel lines with a printk time the estimate used
     #: CLOCK_BOOTTIME minus the printk clock in the new boot (the scenario's clock mark), seconds
     boot_minus_printk: float = 0.0
+    #: systemd path only: systemd-shutdown's first line (PID 1 stopped every unit and exec'd it)
+    shutdown_started: float | None = None
 
     def host_new(self, boot_ns: int) -> float:
         """The new boot's CLOCK_BOOTTIME -> host seconds."""
@@ -70,11 +93,12 @@ def parse_console(rows: list[tuple[float, str]]) -> tuple[dict[int, Crossing], l
     crossings: dict[int, Crossing] = {}
     records: list[dict] = []
     problems: list[str] = []
-    stage_starts: list[tuple[int, int]] = []  # (row index, stage number 1-based)
+    stage_starts: list[tuple[int, int, str]] = []  # (row index, stage number 1-based, path family)
     for n, (_t, line) in enumerate(rows):
         text = line.strip()
-        if text.startswith(STAGE_MARK):
-            stage_starts.append((n, int(text[len(STAGE_MARK):].split("/")[0])))
+        mark = next((m for m in STAGE_MARKS if text.startswith(m)), None)
+        if mark:
+            stage_starts.append((n, int(text[len(mark):].split("/")[0]), STAGE_MARKS[mark]))
         elif text.startswith(RESULT_MARK):
             try:
                 records.append(json.loads(text[len(RESULT_MARK):]))
@@ -82,15 +106,15 @@ def parse_console(rows: list[tuple[float, str]]) -> tuple[dict[int, Crossing], l
                 problems.append(f"console line {n + 1}: a bench-result line is garbled (interleaved output?)")
     jumps = [n for n, (_t, line) in enumerate(rows) if LAST_OLD_KERNEL_LINE in line]
     for k, jump in enumerate(jumps):
-        before = [(n, st) for n, st in stage_starts if n < jump]
+        before = [(n, st, fam) for n, st, fam in stage_starts if n < jump]
         if not before:
             continue  # a kexec before the benchmark's first stage
-        start, stage = before[-1]
+        start, stage, family = before[-1]
         # to the new boot's clock mark (written first thing by the next stage), or the next kexec
         end = jumps[k + 1] if k + 1 < len(jumps) else len(rows)
         mark = next((n for n in range(jump, end) if CLOCK_MARK in rows[n][1]), end - 1)
         try:
-            crossings[stage - 1] = crossing(rows[start:mark + 1])
+            crossings[stage - 1] = (systemd_crossing if family == "systemd" else crossing)(rows[start:mark + 1])
         except TimelineError as exc:
             problems.append(f"run {stage}: {exc}")
     return crossings, records, problems
@@ -109,8 +133,56 @@ def crossing(window: list[tuple[float, str]]) -> Crossing:
         mark_ns = int(mark_line.split(REBOOT_MARK, 1)[1].split()[0])
     except (IndexError, ValueError):
         raise TimelineError(f"reboot mark without a clock reading: {mark_line!r}") from None
+    zero, used, init_s, delta = _new_boot(window[jump_at + 1:])
+    # The console may print the mark late (a printing thread; the kexec path flushes it), so the
+    # call's host time comes from the last line's arrival (flushed before the jump) minus the
+    # two lines' distance on the old kernel's printk clock; without printk times, the arrival.
+    jump_t = window[jump_at][0]
+    pm, pj = _PRINTK.match(mark_line.strip()), _PRINTK.match(window[jump_at][1].strip())
+    reboot_call = jump_t - (float(pj.group(1)) - float(pm.group(1))) if pm and pj else mark_t
+    return Crossing(reboot_call=reboot_call, reboot_call_boot_ns=mark_ns, jump=jump_t,
+                    kernel_zero=zero, init_s=init_s, lines=used, boot_minus_printk=delta)
+
+
+def systemd_crossing(window: list[tuple[float, str]]) -> Crossing:
+    """The `systemctl kexec` inside one bench-systemd stage's console window. No luoagent code
+    runs at the reboot: systemd-shutdown's own kmsg lines mark its start and its reboot call, and
+    the old boot's clock marks (the scenario's, printk time + CLOCK_BOOTTIME) put the agent's
+    boot clock stamps on the same printk clock; the jump line's arrival anchors that clock on
+    the host's (it is flushed before the jump)."""
+    jump_at = max((i for i, (_t, ln) in enumerate(window) if LAST_OLD_KERNEL_LINE in ln), default=None)
+    if jump_at is None:
+        raise TimelineError(f"no {LAST_OLD_KERNEL_LINE!r} line")
+    old = [(t, _PRINTK.match(ln.strip())) for t, ln in window[:jump_at + 1]]
+    old = [(t, float(m.group(1)), m.group(2)) for t, m in old if m]
+    if not old or LAST_OLD_KERNEL_LINE not in old[-1][2]:
+        raise TimelineError(f"the old kernel's {LAST_OLD_KERNEL_LINE!r} line has no printk time (printk.time=1?)")
+    jump_t, jump_p = window[jump_at][0], old[-1][1]
+    clock = [(p, text) for _t, p, text in old if CLOCK_MARK in text]
+    if not clock:
+        raise TimelineError(f"no {CLOCK_MARK!r} line with a printk time in the old boot (the scenario writes it)")
+    p_mark, text = clock[-1]  # the last one: nearest the kexec (little drift between the clocks)
+    try:
+        old_delta = int(text.split(CLOCK_MARK, 1)[1].split()[0]) / 1e9 - p_mark
+    except (IndexError, ValueError):
+        raise TimelineError(f"clock mark without a reading: {text!r}") from None
+    shutdown = [p for _t, p, text in old if text.startswith(SHUTDOWN_TAG)]
+    rebooting = [p for _t, p, text in old if text.startswith(SHUTDOWN_REBOOT_LINE)]
+    if not shutdown or not rebooting:
+        raise TimelineError(f"no {SHUTDOWN_TAG!r} lines / no {SHUTDOWN_REBOOT_LINE!r} line with a printk time "
+                            "before the kexec (did systemd-shutdown do it?)")
+    zero, used, init_s, delta = _new_boot(window[jump_at + 1:])
+    host = lambda p: jump_t - (jump_p - p)  # old printk clock -> host seconds
+    return Crossing(reboot_call=host(rebooting[-1]), reboot_call_boot_ns=int(round((rebooting[-1] + old_delta) * 1e9)),
+                    jump=jump_t, kernel_zero=zero, init_s=init_s, lines=used, boot_minus_printk=delta,
+                    shutdown_started=host(shutdown[0]))
+
+
+def _new_boot(rows: list[tuple[float, str]]) -> tuple[float, int, float, float]:
+    """(the new kernel's clock 0 in host seconds, lines used, its clock at init, CLOCK_BOOTTIME
+    minus its printk clock) from the console after the jump."""
     zero, used, init_s, booted, delta = None, 0, None, False, None
-    for t, ln in window[jump_at + 1:]:
+    for t, ln in rows:
         m = _PRINTK.match(ln.strip())
         if not m:
             booted = booted or ln.lstrip().startswith("# lab-boot:")
@@ -130,14 +202,7 @@ def crossing(window: list[tuple[float, str]]) -> Crossing:
         raise TimelineError("no 'Run ... as init process' line from the new kernel")
     if delta is None:
         raise TimelineError(f"no {CLOCK_MARK!r} line in the new boot (the scenario writes it first)")
-    # The console may print the mark late (a printing thread; the kexec path flushes it), so the
-    # call's host time comes from the last line's arrival (flushed before the jump) minus the
-    # two lines' distance on the old kernel's printk clock; without printk times, the arrival.
-    jump_t = window[jump_at][0]
-    pm, pj = _PRINTK.match(mark_line.strip()), _PRINTK.match(window[jump_at][1].strip())
-    reboot_call = jump_t - (float(pj.group(1)) - float(pm.group(1))) if pm and pj else mark_t
-    return Crossing(reboot_call=reboot_call, reboot_call_boot_ns=mark_ns, jump=jump_t,
-                    kernel_zero=zero, init_s=init_s, lines=used, boot_minus_printk=delta)
+    return zero, used, init_s, delta
 
 
 def parse_cold_start(rows: list[tuple[float, str]]) -> dict:
@@ -217,12 +282,28 @@ def run_timeline(record: dict, cross: Crossing) -> RunTimeline:
     common_kexec = [("kernel shutdown", cross.reboot_call, cross.jump),
                     ("kexec jump + decompress", cross.jump, cross.kernel_zero),
                     ("kernel boot", cross.kernel_zero, init)]
-    if path == "luoagent":
+    if path in ("luoagent", "systemd"):
         upd = {v["name"]: v for v in new.get("update", {}).get("vms", [])}
         rst = new.get("restore", {})
         rvms = {v["name"]: v for v in rst.get("vms", [])}
         clock = rst.get("boot_clock_ns", {})
         offset = old["clock_pair"][0] - old["clock_pair"][1]  # realtime - boottime in the old boot
+        if path == "systemd":
+            if not rst.get("kexec_requested_ns") or cross.shutdown_started is None:
+                raise TimelineError(f"run {run.index}: the restore recorded no `systemctl kexec` call "
+                                    "(kexec_requested_ns) or the console no systemd-shutdown")
+            if new.get("service_restarts"):
+                raise TimelineError(f"run {run.index}: luoagent.service restarted {new['service_restarts']} time(s) "
+                                    "in the new boot: its start is not the boot's")
+            request = host_old(rst["kexec_requested_ns"] - offset)
+            started = new["service_start_boot_ns"]
+            before_agent = [("orderly shutdown: stop units", request, cross.shutdown_started),
+                            ("orderly shutdown: systemd-shutdown", cross.shutdown_started, cross.reboot_call),
+                            ("kexec -e + kernel shutdown", cross.reboot_call, cross.jump), *common_kexec[1:],
+                            ("systemd starts luoagent.service", init, host_new(started))]
+        else:
+            started = new["restore_exec_boot_ns"]
+            before_agent = [*common_kexec, ("init starts agent", init, host_new(started))]
         for name in old["names"]:
             u, r = upd.get(name), rvms.get(name)
             if not u or not r or not clock:
@@ -234,9 +315,10 @@ def run_timeline(record: dict, cross: Crossing) -> RunTimeline:
                 raise TimelineError(f"run {run.index}: VM {name}: restore recorded no {[k for k in need if k not in t]}")
             stop = host_old(u["stopped_at_ns"] - offset)
             saved = stop + u["quiesce_seconds"]
-            segs = _seg([("save", stop, saved), ("prepare reboot", saved, cross.reboot_call), *common_kexec,
-                         ("init starts agent", init, host_new(new["restore_exec_boot_ns"])),
-                         ("agent start", host_new(new["restore_exec_boot_ns"]), host_new(clock["luo_open_boot_ns"])),
+            to_reboot = (("until systemctl kexec", saved, request) if path == "systemd"
+                         else ("prepare reboot", saved, cross.reboot_call))
+            segs = _seg([("save", stop, saved), to_reboot, *before_agent,
+                         ("agent start", host_new(started), host_new(clock["luo_open_boot_ns"])),
                          ("manifest", host_new(clock["luo_open_boot_ns"]), host_new(clock["manifest_retrieved_boot_ns"])),
                          ("wait for other VMs", host_new(clock["manifest_retrieved_boot_ns"]), host_new(t["retrieve_boot_ns"])),
                          ("LUO retrieve", host_new(t["retrieve_boot_ns"]), host_new(t["retrieved_boot_ns"])),
@@ -244,6 +326,10 @@ def run_timeline(record: dict, cross: Crossing) -> RunTimeline:
                          ("QEMU start", host_new(t["qemu_launch_boot_ns"]), host_new(t["qemu_up_boot_ns"])),
                          ("vmstate load", host_new(t["qemu_up_boot_ns"]), host_new(t["incoming_done_boot_ns"])),
                          ("cont", host_new(t["incoming_done_boot_ns"]), host_new(t["running_boot_ns"]))])
+            if path == "systemd":
+                backwards = {k: v for k, v in segs.items() if v < -CLOCK_SLACK_S}
+                if backwards:  # the clocks joined here disagree: no figure from them
+                    raise TimelineError(f"run {run.index}: VM {name}: segments run backwards {backwards}")
             restored = bool(new["vms"].get(name, {}).get("restored"))
             run.vms.append(VmTimeline(name, u["ram_bytes"], segs, restored))
         phases = {p.get("phase"): p.get("seconds", 0.0) for p in new.get("update", {}).get("phases", [])}
@@ -262,6 +348,8 @@ def run_timeline(record: dict, cross: Crossing) -> RunTimeline:
             "stop_spread_s": (max(u["stopped_at_ns"] for u in upd.values())
                               - min(u["stopped_at_ns"] for u in upd.values())) / 1e9,
         }
+        if path == "systemd":  # the issue's "orderly shutdown": the systemctl kexec call -> the jump
+            run.figures["orderly_shutdown_s"] = cross.jump - request
     else:
         for name in old["names"]:
             o, n = old["vms"].get(name, {}), new["vms"].get(name, {})
@@ -382,7 +470,7 @@ def exit_code(rows: list[Row]) -> int:
 # --- output -------------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
     head = (f"{'config':>9} {'path':8} {'blackout s (min-max)':>24} {'kernel':>7} {'QEMU':>7} {'agent':>7}"
-            f" {'init':>6} {'tool':>6} {'agent %':>7}")
+            f" {'init':>6} {'systemd':>7} {'tool':>6} {'agent %':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if not r.ok:
@@ -391,7 +479,7 @@ def table(rows: list[Row]) -> str:
         f = r.figures()
         b, o = f["blackout_s"], f["owners_s"]
         lines.append(f"{r.config:>9} {r.path:8} {b['median']:9.3f} ({b['min']:.3f}-{b['max']:.3f})"
-                     f" {o[KERNEL]:7.3f} {o[QEMU]:7.3f} {o[AGENT]:7.3f} {o[INIT]:6.3f} {o[TOOL]:6.3f}"
+                     f" {o[KERNEL]:7.3f} {o[QEMU]:7.3f} {o[AGENT]:7.3f} {o[INIT]:6.3f} {o[SYSTEMD]:7.3f} {o[TOOL]:6.3f}"
                      f" {f['agent_share_pct']:6.1f}%")
     return "\n".join(lines)
 
