@@ -45,26 +45,27 @@ KEY = "bench"
 MIB = 1 << 20
 
 
-def parse_plan(text: str) -> list[dict]:
-    """"luoagent:64:1,baseline:2048:1" -> [{"path", "ram_mib", "vms"}, ...]."""
+def parse_plan(text: str, paths: tuple[str, ...] = ("luoagent", "baseline")) -> list[dict]:
+    """"luoagent:64:1,baseline:2048:1" -> [{"path", "ram_mib", "vms"}, ...]; ``paths``: those the
+    scenario runs."""
     runs = []
     for part in str(text).split(","):
         path, ram, vms = part.strip().split(":")
-        if path not in ("luoagent", "baseline"):
-            raise ValueError(f"plan entry {part!r}: path must be luoagent or baseline")
+        if path not in paths:
+            raise ValueError(f"plan entry {part!r}: path must be {' or '.join(paths)}")
         runs.append({"path": path, "ram_mib": int(ram), "vms": int(vms)})
     if not runs:
         raise ValueError("empty plan")
     return runs
 
 
-def _plan_from_params() -> list[dict]:
+def plan_from_params(default: str = DEFAULT_PLAN, paths: tuple[str, ...] = ("luoagent", "baseline")) -> list[dict]:
     # stages() runs before any ctx exists: the plan's length is the number of stages
     try:
         debug = json.loads(Path("/lab/params.json").read_text()).get("debug", {})
     except (OSError, ValueError):
         debug = {}
-    return parse_plan(debug.get("plan") or DEFAULT_PLAN)
+    return parse_plan(debug.get("plan") or default, paths)
 
 
 def boot_ns() -> int:
@@ -462,5 +463,5 @@ def _finish(ctx, index: int, run: dict) -> None:
 
 
 def stages():
-    plan = _plan_from_params()
+    plan = plan_from_params()
     return [_stage(k, plan) for k in range(len(plan) + 1)]

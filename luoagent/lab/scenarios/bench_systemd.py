@@ -43,47 +43,13 @@ RESTORED = "{label}: every guest restored by luoagent.service at boot (counter c
 
 def parse_plan(text: str) -> list[dict]:
     """"systemd:64:1,systemd:64:2" -> [{"path", "ram_mib", "vms"}, ...]."""
-    runs = []
-    for part in str(text).split(","):
-        path, ram, vms = part.strip().split(":")
-        if path != PATH:
-            raise ValueError(f"plan entry {part!r}: path must be {PATH} in {NAME}")
-        runs.append({"path": path, "ram_mib": int(ram), "vms": int(vms)})
-    if not runs:
-        raise ValueError("empty plan")
-    return runs
-
-
-def _plan_from_params() -> list[dict]:
-    try:
-        debug = json.loads(Path("/lab/params.json").read_text()).get("debug", {})
-    except (OSError, ValueError):
-        debug = {}
-    return parse_plan(debug.get("plan") or DEFAULT_PLAN)
+    return bench.parse_plan(text, (PATH,))
 
 
 def start_vm(name: str, ram_mib: int) -> dict:
     """A counter guest as a unit (`luoagent vm start`), counting, with its canary written."""
-    from luoagent import memfd
-    from luoagent.lab import guest
-
-    r = vu.luoagent("vm", "start", name, "--memory", f"{ram_mib}M", "--json", "--",
-                    "-machine", "pc", "-nodefaults", "-kernel", str(vu._guest_elf()), timeout=300)
-    if r.returncode != 0:
-        raise RuntimeError(f"luoagent vm start {name} failed: {r.stderr[-1500:]}")
     seed = secrets.randbits(48)
-    _pid, fd = vu.ram_fd_of(su.sock(name))
-    try:
-        deadline = time.monotonic() + 180
-        while not (guest.read_state(fd).magic_ok and guest.read_state(fd).ticks >= 1):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"guest {name} did not start counting")
-            time.sleep(0.1)
-        memfd.write_pattern(fd, guest.CANARY_OFFSET, guest.CANARY_SIZE, seed)
-        counter = guest.read_state(fd).counter
-    finally:
-        os.close(fd)
-    return {"seed": seed, "counter_before": counter}
+    return {"seed": seed, "counter_before": su.start_vm(name, seed, ram_mib=ram_mib)["counter_before_update"]}
 
 
 def _announced(path: Path) -> bool:
@@ -188,5 +154,5 @@ def _stage(k: int, plan: list[dict]):
 
 
 def stages():
-    plan = _plan_from_params()
+    plan = bench.plan_from_params(DEFAULT_PLAN, (PATH,))
     return [_stage(k, plan) for k in range(len(plan) + 1)]

@@ -54,14 +54,15 @@ def sock(vm: str) -> Path:
     return VM_ROOT / vm / "qmp.sock"
 
 
-def start_vm(vm: str, seed: int) -> dict:
-    """`luoagent vm start` a counter guest (memfd RAM), wait for it to count, write its canary."""
+def start_vm(vm: str, seed: int, ram_mib: int | None = None) -> dict:
+    """`luoagent vm start` a counter guest (memfd RAM, ``ram_mib`` or VM_RAM), wait for it to
+    count, write its canary."""
     from luoagent import memfd
     from luoagent.adapters import procfs
     from luoagent.lab import guest
 
     user = ["--user", vu.UNPRIVILEGED_USER] if vm == UNPRIVILEGED else []
-    r = vu.luoagent("vm", "start", vm, "--memory", f"{vu.VM_RAM >> 20}M", *user, "--json", "--",
+    r = vu.luoagent("vm", "start", vm, "--memory", f"{ram_mib or vu.VM_RAM >> 20}M", *user, "--json", "--",
                     "-machine", "pc", "-nodefaults", "-kernel", str(guest_elf()), timeout=300)
     if r.returncode != 0:
         raise RuntimeError(f"luoagent vm start {vm} failed: {r.stderr[-1500:]}")
